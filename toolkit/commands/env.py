@@ -1,0 +1,32 @@
+"""`dstk env`: versions, machine, and what is built in; paste it into bug reports."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("env", help="print versions, the machine and the built-in presets")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import os
+    import platform
+
+    from toolkit.ds_config import template_names
+    from toolkit.models.presets import PRESETS
+    from toolkit.recipe import builtin_recipes
+    from toolkit.rundir import versions
+
+    for name, value in versions().items():
+        print(f"{name:<14} {value}")
+    print(f"{'platform':<14} {platform.platform()}  cpus={os.cpu_count()}")
+    try:
+        import torch
+
+        print(f"{'accelerator':<14} {'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+    except ImportError:
+        pass
+    print(f"{'recipes':<14} {', '.join(builtin_recipes())}")
+    print(f"{'presets':<14} {', '.join(PRESETS)}")
+    print(f"{'ds_configs':<14} {', '.join(template_names())}")
+    return 0

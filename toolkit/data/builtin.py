@@ -1,0 +1,49 @@
+"""Built-in data sets the project generates, so the default run needs nothing from outside.
+
+`reverse`: "reverse 48213 =" -> " 31284". A tiny model learns it within a few hundred steps on
+two CPU cores, and exact-match accuracy on the held-out split shows it: near 0 before, high after.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TASKS = ("reverse",)
+SIZES = {"train": 20000, "eval": 256}
+DIGITS = (3, 7)  # digit-string lengths, inclusive
+
+
+def _reverse_example(rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(*DIGITS)))
+    return f"reverse {digits} =", f" {digits[::-1]}"
+
+
+def generate(task: str, split: str, folder: Path, seed: int = 0) -> Path:
+    """Write ``folder/TASK-SPLIT.jsonl`` (instruction records) and return its path.
+
+    The eval split is drawn first and the train split skips its prompts, so the splits never
+    overlap; the same seed always gives byte-identical files.
+    """
+    if task not in TASKS:
+        from toolkit.errors import UserError
+
+        raise UserError(f"no built-in data set named {task!r}", f"built-in data sets: {', '.join(TASKS)}")
+    rng = random.Random(f"{task}-{seed}")
+    splits: dict[str, list[tuple[str, str]]] = {}
+    seen: set[str] = set()
+    for name in ("eval", "train"):
+        rows = splits[name] = []
+        while len(rows) < SIZES[name]:
+            prompt, response = _reverse_example(rng)
+            if name == "train" and prompt in seen:
+                continue
+            seen.add(prompt)
+            rows.append((prompt, response))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{task}-{split}.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        for prompt, response in splits[split]:
+            out.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    return path

@@ -1,0 +1,115 @@
+"""DeepSpeed configs: pick a ``ds_configs/`` template, fill its ``"auto"`` values from the recipe.
+
+The templates are plain JSON users can read and copy. DeepSpeed silently ignores a misspelt
+top-level key, so a config is checked against the keys DeepSpeed knows before any worker starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import UserError
+from toolkit.recipe import Recipe
+
+# Top-level keys DeepSpeed reads (deepspeed/runtime/config.py and its sub-configs).
+KNOWN_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "dump_state", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "bf16", "bfloat16", "fp16", "amp", "optimizer",
+    "scheduler", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing", "pipeline", "tensor_parallel", "communication_data_type",
+    "seq_parallel_communication_data_type", "data_types", "flops_profiler", "tensorboard", "wandb",
+    "csv_monitor", "comet", "checkpoint", "aio", "memory_breakdown", "elasticity", "compression_training",
+    "data_efficiency", "curriculum_learning", "disable_allgather", "sparse_attention", "torch_autocast",
+    "graph_harvesting", "use_data_before_expert_parallelism", "timers", "compile", "weight_quantization",
+    "hybrid_engine", "autotuning", "nebula", "eigenvalue", "progressive_layer_drop", "quantize_training",
+    "gradient_accumulation_dtype", "load_universal_checkpoint", "use_node_local_storage",
+})
+
+
+def template_name(recipe: Recipe) -> str:
+    """The ``ds_configs/`` template for the recipe's ZeRO stage and offload choice."""
+    p = recipe.parallel
+    return f"zero{p.zero_stage}" + ("_offload" if p.offload == "cpu" else "")
+
+
+def template_names() -> list[str]:
+    folder = resources.files("toolkit") / "ds_configs"
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_template(recipe: Recipe) -> dict[str, Any]:
+    """Read the user's ``parallel.ds_config`` file, or the built-in template for the recipe."""
+    if recipe.parallel.ds_config:
+        path = Path(recipe.parallel.ds_config)
+        if not path.is_file():
+            raise UserError(f"parallel.ds_config file {path} does not exist",
+                            f"give a JSON path or leave it null to use ds_configs/{template_name(recipe)}.json")
+        text, origin = path.read_text(encoding="utf-8"), str(path)
+    else:
+        name = template_name(recipe)
+        text = (resources.files("toolkit") / "ds_configs" / f"{name}.json").read_text(encoding="utf-8")
+        origin = f"ds_configs/{name}.json"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{origin} is not valid JSON: {err}", "fix the JSON syntax at that line") from None
+    check_keys(config, origin)
+    return config
+
+
+def check_keys(config: dict[str, Any], origin: str) -> None:
+    """Refuse top-level keys DeepSpeed does not know (it would ignore them silently)."""
+    unknown = sorted(set(config) - KNOWN_KEYS)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else "remove it; DeepSpeed would ignore it"
+        raise UserError(f"{origin}: unknown DeepSpeed key `{key}`", hint)
+
+
+def build(recipe: Recipe) -> dict[str, Any]:
+    """The resolved DeepSpeed config for a recipe: template with every ``"auto"`` filled.
+
+    Raises:
+        UserError: the template is unreadable, has unknown keys, or contradicts the recipe.
+    """
+    config = load_template(recipe)
+    t, p = recipe.train, recipe.parallel
+    data_parallel = p.nproc // (p.pipeline_stages * p.tensor_parallel)
+    values = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * data_parallel,
+        "gradient_clipping": t.grad_clip,
+        # the engine logs itself; keep DeepSpeed's own step printing out of the way
+        "steps_per_print": 10**9,
+        "bf16.enabled": t.precision == "bf16",
+        "optimizer.params.lr": t.lr,
+        "optimizer.params.weight_decay": t.weight_decay,
+        "scheduler.params.total_num_steps": t.max_steps,
+        "scheduler.params.warmup_num_steps": t.warmup_steps,
+        "scheduler.params.cos_min_ratio": t.min_lr_ratio,
+    }
+    _fill_auto(config, values, prefix="")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != p.zero_stage:
+        raise UserError(f"the DeepSpeed config sets zero_optimization.stage={stage} but the recipe "
+                        f"sets parallel.zero_stage={p.zero_stage}", "make them agree")
+    return config
+
+
+def _fill_auto(node: dict[str, Any], values: dict[str, Any], prefix: str) -> None:
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _fill_auto(value, values, f"{dotted}.")
+        elif value == "auto":
+            if dotted not in values:
+                raise UserError(f"DeepSpeed config value `{dotted}` is \"auto\" but dstk has no recipe "
+                                "value for it", "write a concrete value in the config")
+            node[key] = values[dotted]

@@ -1,0 +1,164 @@
+"""``finetune(recipe)``: one rank's whole run, inside any script the ``deepspeed`` launcher starts.
+
+recipe -> prepared run directory -> model + data -> DeepSpeed engine -> loop -> checkpoint ->
+``final/``. Run as a single process (no launcher) it trains on one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit.errors import UserError
+from toolkit.recipe import Recipe, load_recipe
+from toolkit.rundir import RunDir, prepare
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced; the same on every rank."""
+
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # the logged training losses, in order
+    eval_before: dict | None = None
+    eval_after: dict | None = None
+    # The live DeepSpeed engine, for a script that goes on using the trained model; None once
+    # finetune has torn down the process group it created itself.
+    engine: object = field(default=None, repr=False)
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _init_distributed() -> bool:
+    """Join the launcher's process group, or make a one-rank group; True if this call made it."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ:  # a plain `python script.py`: one rank, no launcher
+        from toolkit.launcher import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(verbose=False)
+    return True
+
+
+def _prepare_everywhere(recipe: Recipe) -> dict:
+    """Rank 0 prepares (or finds prepared) the run directory; every rank gets the outcome."""
+    import torch.distributed as dist
+
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("ok", prepare(recipe))
+        except Exception as err:  # every rank must learn of it, or the others wait forever
+            outcome[0] = ("error", err)
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | None = None) -> FinetuneResult:
+    """Fine-tune the recipe's model on this rank; every rank of the job calls it.
+
+    Args:
+        recipe: a validated :class:`Recipe`, a YAML path or built-in name (None: ``tiny``).
+        overrides: dotted ``key=value`` overrides when ``recipe`` is not a Recipe object.
+
+    Returns:
+        A :class:`FinetuneResult`; ``final_dir`` holds the consolidated Hugging Face model.
+    """
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from toolkit import checkpoint
+    from toolkit.data import GlobalBatches, encode_set
+    from toolkit.engine import Trainer
+    from toolkit.metrics import MetricsLogger
+    from toolkit.models import load_for_training, load_tokenizer
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    _quiet_libraries()
+    owns_group = _init_distributed()
+    try:
+        if dist.get_world_size() != recipe.parallel.nproc:
+            raise UserError(f"the recipe sets parallel.nproc={recipe.parallel.nproc} but "
+                            f"{dist.get_world_size()} rank(s) were started",
+                            f"launch with --num_gpus {recipe.parallel.nproc} or set parallel.nproc")
+        run = _prepare_everywhere(recipe)
+        run_dir = RunDir(Path(recipe.output_dir))
+        rank = dist.get_rank()
+        ds_config = json.loads(run_dir.ds_config.read_text())
+        torch.manual_seed(recipe.train.seed)
+        model_path = run["model"]["path"]
+        tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+        model, _zero3_handle = load_for_training(model_path, ds_config, recipe.train.precision,
+                                                 recipe.trust_remote_code)
+        t = recipe.train
+        train = encode_set(run["data"]["train"]["path"], tokenizer, recipe.data, t.seq_len,
+                           trust_remote_code=recipe.trust_remote_code)
+        evalset = (encode_set(run["data"]["eval"]["path"], tokenizer, recipe.data, t.seq_len,
+                              limit=recipe.data.eval_limit, trust_remote_code=recipe.trust_remote_code)
+                   if "eval" in run["data"] else None)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, dist.get_world_size(), rank, t.seed)
+        logger = MetricsLogger(run_dir.metrics, rank)
+        trainer = Trainer(engine, batches, train, evalset, tokenizer.pad_token_id, logger, t.micro_batch_size)
+
+        start = checkpoint.resume(engine, run_dir.checkpoints) if recipe.resume == "auto" else 0
+        if rank == 0:
+            run_dir.write_run({**run_dir.read_run(), "status": "running"})
+        eval_before = trainer.evaluate() if evalset is not None and start == 0 else None
+        if eval_before is not None:
+            logger.log_eval(start, eval_before)
+        lines = trainer.fit(start, t.max_steps, t.eval_steps, t.save_steps, t.log_steps,
+                            save=lambda step: checkpoint.save(engine, run_dir.checkpoints, step))
+        eval_after = trainer.evaluate() if evalset is not None else None
+        if eval_after is not None:
+            lines.append(logger.log_eval(t.max_steps, eval_after))
+        checkpoint.save(engine, run_dir.checkpoints, t.max_steps)
+        checkpoint.consolidate(engine, tokenizer, run_dir.final)
+        result = FinetuneResult(
+            output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
+            losses=[line["loss"] for line in lines if "loss" in line],
+            eval_before=None if eval_before is None else vars(eval_before),
+            eval_after=None if eval_after is None else vars(eval_after),
+            engine=None if owns_group else engine)
+        if rank == 0:
+            _record_result(run_dir, result)
+        dist.barrier()
+        return result
+    finally:
+        # Without an orderly teardown, ZeRO-3 workers abort at exit with
+        # "terminate called without an active exception" (seen with DeepSpeed 0.19.8 on gloo).
+        # A group the caller made is the caller's to tear down.
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _record_result(run_dir: RunDir, result: FinetuneResult) -> None:
+    run = run_dir.read_run()
+    run["status"] = "completed"
+    run["result"] = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+                     "eval_before": result.eval_before, "eval_after": result.eval_after,
+                     "final": str(result.final_dir)}
+    lineage = {key: run[key] for key in ("recipe_sha256", "data", "audit", "model")}
+    (run_dir.final / "dstk_lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
+    run_dir.write_run(run)

@@ -1,0 +1,77 @@
+"""Loading any HF causal LM for training: a local directory or hub id, ZeRO-3 aware.
+
+Under ZeRO-3 the model must be created partitioned (``zero.Init``) so that a model larger than one
+rank's memory can load; transformers does that inside ``from_pretrained`` while an
+``HfDeepSpeedConfig`` for a stage-3 config is alive, so :func:`load_for_training` keeps one alive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.errors import UserError
+from toolkit.models.presets import PRESETS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a recipe's ``model`` comes from: ``kind`` is preset, local or hub."""
+
+    kind: str
+    name: str
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Classify ``spec`` without loading it, failing early on a preset or path that cannot exist."""
+    if spec in PRESETS:
+        return ModelSource("preset", spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory {path} has no config.json",
+                            "point `model` at a directory saved with save_pretrained")
+        return ModelSource("local", str(path))
+    if spec.startswith(("tiny-", ".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model {spec!r} is neither a built-in preset nor an existing directory",
+                        f"presets: {', '.join(PRESETS)}")
+    return ModelSource("hub", spec)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Padding never reaches the loss (labels are -100 there), so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_for_training(path: str, ds_config: dict[str, Any], precision: str,
+                      trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Load the model in ``path`` the way ``ds_config`` will train it.
+
+    Returns:
+        The model and a handle that must stay referenced while the model lives (the
+        ``HfDeepSpeedConfig`` that tells transformers to partition under ZeRO-3; else None).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[precision], trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not load model {path!r}: {str(err).splitlines()[0]}",
+                        "pass a directory saved with save_pretrained or a reachable hub id") from None
+    model.config.use_cache = False  # the KV cache only costs memory while training
+    return model, keep_alive

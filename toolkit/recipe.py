@@ -1,0 +1,288 @@
+"""Recipes: the schema of a run, loading YAML, dotted overrides and cross-field rules.
+
+A recipe is data. Every key is documented once, here, in its ``Field(description=...)``; the README's
+key table is generated from this schema (``python -m toolkit.recipe --markdown``). The order of
+precedence is: schema default < recipe file < command-line ``key=value`` override.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_checks import AuditPolicy
+from toolkit.errors import UserError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: str = Field(
+        f"{BUILTIN_PREFIX}reverse",
+        description="Training data: a JSONL/JSON/CSV/Parquet file or folder, a hub id, or "
+        "`builtin:NAME` for a data set the project generates (`builtin:reverse`).",
+    )
+    eval: str | None = Field(
+        f"{BUILTIN_PREFIX}reverse",
+        description="Eval data, same forms as `data.train`; null for no evaluation. A built-in "
+        "name gives that task's held-out split.",
+    )
+    format: Literal["text", "instruction", "chat"] = Field(
+        "instruction",
+        description="`text`: loss on every token; `instruction`: prompt + response, loss on the "
+        "response only; `chat`: messages through the tokenizer's chat template, loss on "
+        "assistant turns only.",
+    )
+    text_field: str = Field("text", description="Field holding the text (format `text`).")
+    prompt_field: str = Field("prompt", description="Field holding the prompt (format `instruction`).")
+    response_field: str = Field(
+        "response", description="Field holding the response (format `instruction`)."
+    )
+    messages_field: str = Field(
+        "messages", description="Field holding the list of {role, content} messages (format `chat`)."
+    )
+    eval_limit: int | None = Field(
+        None, ge=1, description="Use at most this many eval records (null: all of them)."
+    )
+
+
+class ParallelConfig(_Strict):
+    nproc: int = Field(2, ge=1, description="Ranks (processes) on this node; 2 on a CPU machine.")
+    zero_stage: int = Field(
+        2, ge=0, le=3,
+        description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also "
+        "gradients, 3 also parameters (the model is created partitioned).",
+    )
+    offload: Literal["none", "cpu"] = Field(
+        "none",
+        description="`cpu` moves optimizer state (and with ZeRO-3 the parameters) to host memory: "
+        "slower steps, far less accelerator memory. Needs zero_stage 2 or 3.",
+    )
+    pipeline_stages: int = Field(1, ge=1, description="Pipeline stages the model is split into.")
+    tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel degree (DeepSpeed AutoTP).")
+    ds_config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON config to start from instead of the built-in template for "
+        "the ZeRO stage; its `\"auto\"` values are filled from this recipe.",
+    )
+    master_port: int | None = Field(
+        None, ge=1024, le=65535, description="Rendezvous port; null picks a free one."
+    )
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(300, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per rank per forward pass.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (with pipelines: micro-batches in flight)."
+    )
+    seq_len: int = Field(64, ge=8, description="Longest sequence in tokens; longer records are truncated.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="Learning rate at the last step, as a fraction of `lr`."
+    )
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps from 0 to `lr`.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
+    seed: int = Field(1234, description="Seed for initialisation, data order and dropout.")
+    packing: bool = Field(
+        False, description="Pack several samples per row, each attending only to itself."
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="`bf16` mixed precision (fp32 master weights) or plain `fp32`."
+    )
+    save_steps: int = Field(
+        0, ge=0, description="Save a DeepSpeed checkpoint every N steps (0: only at the end)."
+    )
+    eval_steps: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after).")
+    log_steps: int = Field(10, ge=1, description="Write a metrics line (and sync the loss) every N steps.")
+
+
+class Recipe(_Strict):
+    """A whole run: what to train, on what data, in which parallel layout."""
+
+    name: str = Field("run", description="Run name; the default `output_dir` is `runs/NAME`.")
+    model: str = Field(
+        "tiny-llama",
+        description="A local directory or hub id of any HF causal LM, or a built-in tiny preset "
+        "(`tiny-llama`, `tiny-gpt2`, ...; `dstk env` lists them).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub model. Only for models you trust."
+    )
+    output_dir: str = Field("runs/run", description="The run directory.")
+    resume: Literal["auto"] | None = Field(
+        None, description="`auto`: continue from the newest complete checkpoint in `output_dir`."
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    audit: AuditPolicy = Field(
+        default_factory=AuditPolicy, description="The data audit that gates the run."
+    )
+
+    @model_validator(mode="after")
+    def _layout_rules(self) -> Recipe:
+        p, t = self.parallel, self.train
+        problems = []
+        if p.pipeline_stages > 1 or p.tensor_parallel > 1:
+            problems.append(
+                "parallel.pipeline_stages and parallel.tensor_parallel > 1 are not available in "
+                "this version yet (set both to 1)"
+            )
+        if p.offload == "cpu" and p.zero_stage < 2:
+            problems.append("parallel.offload=cpu needs parallel.zero_stage 2 or 3")
+        if t.packing:
+            problems.append("train.packing=true is not available in this version yet (set it to false)")
+        if t.warmup_steps >= t.max_steps:
+            problems.append(
+                f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps ({t.max_steps})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.nproc
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package."""
+    folder = resources.files("toolkit") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(source: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe.
+
+    Args:
+        source: a YAML path, a built-in recipe name, or None for the default (`tiny`).
+        overrides: dotted `key=value` strings applied after the file (`train.max_steps=20`).
+
+    Returns:
+        The validated recipe, every value resolved.
+
+    Raises:
+        UserError: the file is missing or not YAML, an override is malformed, or a value is
+            invalid; every problem is reported at once, unknown keys with the nearest valid key.
+    """
+    name, data, origin = _read_source(source)
+    for item in overrides or []:
+        _apply_override(data, item)
+    data.setdefault("name", name)
+    data.setdefault("output_dir", f"runs/{data['name']}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"invalid recipe {origin}: " + "; ".join(_describe(e) for e in err.errors()),
+                        "fix the recipe or the key=value override") from None
+
+
+def _read_source(source: str | Path | None) -> tuple[str, dict, str]:
+    if source is None:
+        source = "tiny"
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist",
+                            f"pass a YAML path or a built-in recipe: {', '.join(builtin_recipes())}")
+        text, name = path.read_text(encoding="utf-8"), path.stem
+    else:
+        if str(source) not in builtin_recipes():
+            close = difflib.get_close_matches(str(source), builtin_recipes(), n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"built-in recipes: {', '.join(builtin_recipes())}"
+            raise UserError(f"no recipe file or built-in recipe named {source!r}", hint)
+        text = (resources.files("toolkit") / "recipes" / f"{source}.yaml").read_text(encoding="utf-8")
+        name = str(source)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {source} is not valid YAML: {str(err).splitlines()[0]}",
+                        "check the indentation and quoting near that line") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {source} must be a mapping of keys to values, got {type(data).__name__}")
+    return name, data, str(source)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or key.startswith("-") or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} is not of the form key=value",
+                        "write dotted keys, e.g. train.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw  # an unparsable value stays a string; the schema then judges it
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: `{part}` is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        *parents, leaf = (str(part) for part in error["loc"])
+        options = list(_model_at(parents).model_fields)
+        close = difflib.get_close_matches(leaf, options, n=1, cutoff=0.5)
+        suggestion = f" (did you mean `{'.'.join([*parents, close[0]])}`?)" if close else ""
+        return f"unknown key `{loc}`{suggestion}"
+    if not loc:  # a cross-field rule of the whole recipe
+        return error["msg"].removeprefix("Value error, ")
+    return f"`{loc}`: {error['msg']} (got {error.get('input')!r})"
+
+
+def _model_at(path: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = Recipe
+    for part in path:
+        annotation = model.model_fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
+    return model
+
+
+def schema_markdown() -> str:
+    """A markdown table of every recipe key, its default and its description."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            sub = next((c for c in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            desc = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | `{json.dumps(default)}` | {desc} |")
+
+    walk(Recipe, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__" and "--markdown" in sys.argv:
+    print(schema_markdown())

@@ -1,0 +1,180 @@
+"""The run directory: its layout, preparing it before workers start, and its lineage (run.json).
+
+``prepare`` checks everything it can without writing (output directory state, model, data,
+DeepSpeed config), runs the audit gate, and only then writes: so bad input leaves an existing
+output directory untouched. It is idempotent: workers started by ``dstk train`` find the run
+prepared and go on; workers started directly by the ``deepspeed`` launcher prepare it themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from toolkit import ds_config as ds_config_module
+from toolkit.data import builtin
+from toolkit.errors import UserError
+from toolkit.gate import run_gate
+from toolkit.models.loading import resolve_model
+from toolkit.recipe import BUILTIN_PREFIX, Recipe
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside a run directory (PRODUCT.md's table)."""
+
+    root: Path
+
+    recipe = property(lambda self: self.root / "recipe.yaml")
+    ds_config = property(lambda self: self.root / "ds_config.json")
+    run_json = property(lambda self: self.root / "run.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    audit = property(lambda self: self.root / "audit")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    final = property(lambda self: self.root / "final")
+    data = property(lambda self: self.root / "data")
+    base_model = property(lambda self: self.root / "base_model")
+
+    def read_run(self) -> dict:
+        return json.loads(self.run_json.read_text(encoding="utf-8"))
+
+    def write_run(self, run: dict) -> None:
+        tmp = self.run_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.run_json)  # a reader never sees half a run.json
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(recipe: Recipe) -> dict:
+    """Make ``recipe.output_dir`` ready for workers; return its run.json content.
+
+    Raises:
+        UserError: bad recipe values, data or output directory state (exit 2), nothing written.
+        AuditFailed: the data audit failed (exit 1); only ``audit/`` is written.
+    """
+    run_dir = RunDir(Path(recipe.output_dir))
+    existing = _existing_run(run_dir, recipe)
+    if existing is not None:
+        return existing
+    source = resolve_model(recipe.model)
+    config = ds_config_module.build(recipe)
+    with tempfile.TemporaryDirectory(prefix="dstk-prepare-") as staging:
+        staging = Path(staging)
+        data = {split: _resolve_data(recipe, split, staging / "data")
+                for split in ("train", "eval") if getattr(recipe.data, split) is not None}
+        tokenizer = _tokenizer_for(recipe, source)
+        audit_entry = run_gate(recipe, data["train"]["path"], data.get("eval", {}).get("path"),
+                               staging / "audit", count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        for name in ("data", "audit"):
+            if (staging / name).exists():
+                shutil.rmtree(run_dir.root / name, ignore_errors=True)
+                shutil.move(str(staging / name), run_dir.root / name)
+    for entry in data.values():
+        entry["path"] = entry["path"].replace(str(staging / "data"), str(run_dir.data))
+    if audit_entry.get("report"):
+        audit_entry["report"] = str(run_dir.audit / "report.json")
+    if source.kind == "preset":
+        from toolkit.models.presets import build_preset
+
+        model_path = str(build_preset(source.name, run_dir.base_model, recipe.train.seed))
+    else:
+        model_path = source.name
+    run_dir.recipe.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    run_dir.ds_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    run = {
+        "status": "prepared",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe_sha256": recipe.sha256(),
+        "versions": versions(),
+        "git_commit": _git_commit(),
+        "model": {"source": source.kind, "name": source.name, "path": model_path},
+        "data": data,
+        "audit": audit_entry,
+        "parallel": {**recipe.parallel.model_dump(), "data_parallel": recipe.world_size,
+                     "ds_config_template": recipe.parallel.ds_config
+                     or f"ds_configs/{ds_config_module.template_name(recipe)}.json"},
+    }
+    run_dir.write_run(run)
+    return run
+
+
+def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
+    if not run_dir.root.exists():
+        return None
+    if not run_dir.run_json.is_file():
+        if any(run_dir.root.iterdir()):
+            raise UserError(f"output_dir {run_dir.root} exists and is not a dstk run directory",
+                            "choose another output_dir")
+        return None
+    run = run_dir.read_run()
+    if run.get("recipe_sha256") == recipe.sha256() and run.get("status") == "prepared":
+        return run  # prepared by `dstk train` for these very workers
+    if recipe.resume == "auto":
+        return None  # re-check data and audit, then continue from the newest checkpoint
+    raise UserError(f"output_dir {run_dir.root} already holds a run ({run.get('status')})",
+                    "pass resume=auto to continue it, or output_dir=NEW for a new run")
+
+
+def _resolve_data(recipe: Recipe, split: str, staging: Path) -> dict:
+    location = getattr(recipe.data, split)
+    if location.startswith(BUILTIN_PREFIX):
+        path = builtin.generate(location[len(BUILTIN_PREFIX):], split, staging, seed=0)
+        return {"source": location, "path": str(path), "sha256": sha256_file(path)}
+    path = Path(location)
+    if path.is_file():
+        return {"source": location, "path": str(path.resolve()), "sha256": sha256_file(path)}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"source": location, "path": str(path.resolve()),
+                "sha256": {str(p.relative_to(path)): sha256_file(p) for p in files}}
+    if path.suffix or location.startswith((".", "/", "~")):
+        raise UserError(f"data.{split} file {location} does not exist",
+                        f"check the path, or use {BUILTIN_PREFIX}reverse for the built-in task")
+    return {"source": location, "path": location, "sha256": None}  # a hub id, hashed by its revision
+
+
+def _tokenizer_for(recipe: Recipe, source):
+    if source.kind == "preset":
+        from toolkit.data.tokenizer import char_tokenizer
+
+        return char_tokenizer()
+    from toolkit.models.loading import load_tokenizer
+
+    return load_tokenizer(source.name, recipe.trust_remote_code)
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("dstk", "torch", "deepspeed", "transformers", "datasets", "bitsandbytes", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
