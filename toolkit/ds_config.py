@@ -92,7 +92,7 @@ def build(recipe: Recipe) -> dict[str, Any]:
         "optimizer.params.lr": t.lr,
         "optimizer.params.weight_decay": t.weight_decay,
         "scheduler.params.total_num_steps": t.max_steps,
-        "scheduler.params.warmup_num_steps": t.warmup_steps,
+        "scheduler.params.warmup_num_steps": recipe.warmup_steps,
         "scheduler.params.cos_min_ratio": t.min_lr_ratio,
     }
     _fill_auto(config, values, prefix="")

@@ -6,6 +6,7 @@ recipe -> prepared run directory -> model + data -> DeepSpeed engine -> loop -> 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -27,33 +28,46 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)  # the logged training losses, in order
     eval_before: dict | None = None
     eval_after: dict | None = None
-    # The live DeepSpeed engine, for a script that goes on using the trained model; None once
-    # finetune has torn down the process group it created itself.
+    # The live DeepSpeed engine, for a script that goes on using the trained model.
     engine: object = field(default=None, repr=False)
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     import transformers
 
+    # DeepSpeed still calls collectives torch has renamed; the warning is not the user's to act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _init_distributed() -> bool:
-    """Join the launcher's process group, or make a one-rank group; True if this call made it."""
+def _teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _init_distributed() -> None:
+    """Join the launcher's process group, or make a one-rank group when there is no launcher."""
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return False
+        return
     if "RANK" not in os.environ:  # a plain `python script.py`: one rank, no launcher
         from toolkit.launcher import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(verbose=False)
-    return True
+    # Without an orderly teardown before the interpreter exits, ZeRO-3 workers abort with
+    # "terminate called without an active exception" (DeepSpeed 0.19.8, gloo). At exit rather
+    # than at the end of finetune, so the returned engine stays usable and finetune can run again.
+    atexit.register(_teardown)
 
 
 def _prepare_everywhere(recipe: Recipe) -> dict:
@@ -96,61 +110,53 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     _quiet_libraries()
-    owns_group = _init_distributed()
-    try:
-        if dist.get_world_size() != recipe.parallel.nproc:
-            raise UserError(f"the recipe sets parallel.nproc={recipe.parallel.nproc} but "
-                            f"{dist.get_world_size()} rank(s) were started",
-                            f"launch with --num_gpus {recipe.parallel.nproc} or set parallel.nproc")
-        run = _prepare_everywhere(recipe)
-        run_dir = RunDir(Path(recipe.output_dir))
-        rank = dist.get_rank()
-        ds_config = json.loads(run_dir.ds_config.read_text())
-        torch.manual_seed(recipe.train.seed)
-        model_path = run["model"]["path"]
-        tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
-        model, _zero3_handle = load_for_training(model_path, ds_config, recipe.train.precision,
-                                                 recipe.trust_remote_code)
-        t = recipe.train
-        train = encode_set(run["data"]["train"]["path"], tokenizer, recipe.data, t.seq_len,
-                           trust_remote_code=recipe.trust_remote_code)
-        evalset = (encode_set(run["data"]["eval"]["path"], tokenizer, recipe.data, t.seq_len,
-                              limit=recipe.data.eval_limit, trust_remote_code=recipe.trust_remote_code)
-                   if "eval" in run["data"] else None)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-        batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, dist.get_world_size(), rank, t.seed)
-        logger = MetricsLogger(run_dir.metrics, rank)
-        trainer = Trainer(engine, batches, train, evalset, tokenizer.pad_token_id, logger, t.micro_batch_size)
+    _init_distributed()
+    if dist.get_world_size() != recipe.parallel.nproc:
+        raise UserError(f"the recipe sets parallel.nproc={recipe.parallel.nproc} but "
+                        f"{dist.get_world_size()} rank(s) were started",
+                        f"launch with --num_gpus {recipe.parallel.nproc} or set parallel.nproc")
+    run = _prepare_everywhere(recipe)
+    run_dir = RunDir(Path(recipe.output_dir))
+    rank, t = dist.get_rank(), recipe.train
+    ds_config = json.loads(run_dir.ds_config.read_text())
+    torch.manual_seed(t.seed)
+    model_path = run["model"]["path"]
+    tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+    model, _zero3_handle = load_for_training(model_path, ds_config, t.precision, recipe.trust_remote_code)
 
-        start = checkpoint.resume(engine, run_dir.checkpoints) if recipe.resume == "auto" else 0
-        if rank == 0:
-            run_dir.write_run({**run_dir.read_run(), "status": "running"})
-        eval_before = trainer.evaluate() if evalset is not None and start == 0 else None
-        if eval_before is not None:
-            logger.log_eval(start, eval_before)
-        lines = trainer.fit(start, t.max_steps, t.eval_steps, t.save_steps, t.log_steps,
-                            save=lambda step: checkpoint.save(engine, run_dir.checkpoints, step))
-        eval_after = trainer.evaluate() if evalset is not None else None
-        if eval_after is not None:
-            lines.append(logger.log_eval(t.max_steps, eval_after))
-        checkpoint.save(engine, run_dir.checkpoints, t.max_steps)
-        checkpoint.consolidate(engine, tokenizer, run_dir.final)
-        result = FinetuneResult(
-            output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
-            losses=[line["loss"] for line in lines if "loss" in line],
-            eval_before=None if eval_before is None else vars(eval_before),
-            eval_after=None if eval_after is None else vars(eval_after),
-            engine=None if owns_group else engine)
-        if rank == 0:
-            _record_result(run_dir, result)
-        dist.barrier()
-        return result
-    finally:
-        # Without an orderly teardown, ZeRO-3 workers abort at exit with
-        # "terminate called without an active exception" (seen with DeepSpeed 0.19.8 on gloo).
-        # A group the caller made is the caller's to tear down.
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+    def encoded(split: str, limit: int | None = None):
+        return encode_set(run["data"][split]["path"], tokenizer, recipe.data, t.seq_len, limit=limit,
+                          trust_remote_code=recipe.trust_remote_code)
+
+    train = encoded("train")
+    evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, dist.get_world_size(), rank, t.seed)
+    logger = MetricsLogger(run_dir.metrics, rank)
+    trainer = Trainer(engine, batches, train, evalset, tokenizer.pad_token_id, logger, t.micro_batch_size)
+
+    start = checkpoint.resume(engine, run_dir.checkpoints) if recipe.resume == "auto" else 0
+    if rank == 0:
+        run_dir.write_run({**run_dir.read_run(), "status": "running"})
+    eval_before = trainer.evaluate() if evalset is not None and start == 0 else None
+    if eval_before is not None:
+        logger.log_eval(start, eval_before)
+    lines = trainer.fit(start, t.max_steps, t.eval_steps, t.save_steps, t.log_steps,
+                        save=lambda step: checkpoint.save(engine, run_dir.checkpoints, step))
+    eval_after = trainer.evaluate() if evalset is not None else None
+    if eval_after is not None:
+        lines.append(logger.log_eval(t.max_steps, eval_after))
+    checkpoint.save(engine, run_dir.checkpoints, t.max_steps)
+    checkpoint.consolidate(engine, tokenizer, run_dir.final)
+    result = FinetuneResult(
+        output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
+        losses=[line["loss"] for line in lines if "loss" in line],
+        eval_before=None if eval_before is None else vars(eval_before),
+        eval_after=None if eval_after is None else vars(eval_after), engine=engine)
+    if rank == 0:
+        _record_result(run_dir, result)
+    dist.barrier()
+    return result
 
 
 def _record_result(run_dir: RunDir, result: FinetuneResult) -> None:

@@ -22,14 +22,15 @@ def _spec(recipe: Recipe, path: str, split: str) -> DataSpec:
 
 
 def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Path,
-             count_tokens=None) -> dict:
+             published_dir: Path, count_tokens=None) -> dict:
     """Audit the resolved train/eval data of ``recipe``; return the lineage entry for run.json.
 
     Args:
         recipe: the validated recipe (its ``audit`` block is the policy).
         train, evaluation: resolved data locations (files, folders or hub ids).
         report_dir: where ``report.json`` and ``report.md`` are written.
-        count_tokens: ``text -> tokens`` with the model's tokenizer, for the length check.
+        published_dir: where the caller moves them, the path run.json and messages name.
+        count_tokens: ``texts -> token lengths`` with the model's tokenizer, for the length check.
 
     Raises:
         UserError: the data cannot be read or lacks the fields its format needs (exit 2).
@@ -37,6 +38,9 @@ def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Pat
     """
     if not recipe.audit.enforce:
         return {"verdict": "skipped", "enforced": False}
+    import datasets
+
+    datasets.disable_progress_bars()  # per-file loading bars; the audit shows its own progress
     try:
         report = audit(train=_spec(recipe, train, "train"),
                        eval=_spec(recipe, evaluation, "eval") if evaluation else None,
@@ -45,9 +49,9 @@ def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Pat
     except AuditInputError as err:
         raise UserError(str(err)) from None
     entry = {"verdict": report.verdict, "enforced": True, "report_sha256": report.sha256,
-             "report": str(report_dir / "report.json"), "findings": len(report.findings)}
+             "report": str(published_dir / "report.json"), "findings": len(report.findings)}
     if report.verdict != "pass":
         raise AuditFailed(f"the data audit failed with {len(report.findings)} finding(s); "
-                          f"see {report_dir / 'report.md'}",
+                          f"see {published_dir / 'report.md'}",
                           "fix the data, or set audit.enforce=false to train anyway (recorded in run.json)")
     return entry

@@ -59,7 +59,9 @@ class DataConfig(_Strict):
 
 
 class ParallelConfig(_Strict):
-    nproc: int = Field(2, ge=1, description="Ranks (processes) on this node; 2 on a CPU machine.")
+    nproc: int = Field(
+        2, ge=1, description="Ranks (processes) in the whole job; 2 on a 2-core CPU machine."
+    )
     zero_stage: int = Field(
         2, ge=0, le=3,
         description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also "
@@ -83,17 +85,19 @@ class ParallelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    max_steps: int = Field(300, ge=1, description="Optimizer steps to run.")
-    micro_batch_size: int = Field(16, ge=1, description="Sequences per rank per forward pass.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward pass.")
     grad_accum: int = Field(
         1, ge=1, description="Micro-batches per optimizer step (with pipelines: micro-batches in flight)."
     )
-    seq_len: int = Field(64, ge=8, description="Longest sequence in tokens; longer records are truncated.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    seq_len: int = Field(512, ge=8, description="Longest sequence in tokens; longer records are truncated.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(
         0.1, ge=0, le=1, description="Learning rate at the last step, as a fraction of `lr`."
     )
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps from 0 to `lr`.")
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of `max_steps` spent warming up linearly from 0 to `lr`."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     seed: int = Field(1234, description="Seed for initialisation, data order and dropout.")
@@ -146,13 +150,14 @@ class Recipe(_Strict):
             problems.append("parallel.offload=cpu needs parallel.zero_stage 2 or 3")
         if t.packing:
             problems.append("train.packing=true is not available in this version yet (set it to false)")
-        if t.warmup_steps >= t.max_steps:
-            problems.append(
-                f"train.warmup_steps ({t.warmup_steps}) must be below train.max_steps ({t.max_steps})"
-            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def warmup_steps(self) -> int:
+        # DeepSpeed's WarmupCosineLR refuses 0 warmup steps; one step from 0 is the shortest warmup
+        return max(1, round(self.train.warmup_ratio * self.train.max_steps))
 
     @property
     def world_size(self) -> int:

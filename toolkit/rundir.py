@@ -74,22 +74,25 @@ def prepare(recipe: Recipe) -> dict:
         return existing
     source = resolve_model(recipe.model)
     config = ds_config_module.build(recipe)
-    with tempfile.TemporaryDirectory(prefix="dstk-prepare-") as staging:
-        staging = Path(staging)
-        data = {split: _resolve_data(recipe, split, staging / "data")
-                for split in ("train", "eval") if getattr(recipe.data, split) is not None}
-        tokenizer = _tokenizer_for(recipe, source)
-        audit_entry = run_gate(recipe, data["train"]["path"], data.get("eval", {}).get("path"),
-                               staging / "audit", count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
-        run_dir.root.mkdir(parents=True, exist_ok=True)
-        for name in ("data", "audit"):
-            if (staging / name).exists():
-                shutil.rmtree(run_dir.root / name, ignore_errors=True)
-                shutil.move(str(staging / name), run_dir.root / name)
+    data = {split: _resolve_data(recipe, split)
+            for split in ("train", "eval") if getattr(recipe.data, split) is not None}
+    tokenizer = _tokenizer_for(recipe, source)
+    with tempfile.TemporaryDirectory(prefix="dstk-audit-") as staging:
+        # The report is written aside and published once the data proved readable (a pass or a
+        # fail), so unreadable input leaves an existing run directory untouched.
+        try:
+            audit_entry = run_gate(recipe, data["train"]["path"], data.get("eval", {}).get("path"),
+                                   Path(staging), run_dir.audit, count_tokens=_token_counter(tokenizer))
+        finally:
+            if any(Path(staging).iterdir()):
+                run_dir.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(run_dir.audit, ignore_errors=True)
+                shutil.copytree(staging, run_dir.audit)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
     for entry in data.values():
-        entry["path"] = entry["path"].replace(str(staging / "data"), str(run_dir.data))
-    if audit_entry.get("report"):
-        audit_entry["report"] = str(run_dir.audit / "report.json")
+        if entry["source"].startswith(BUILTIN_PREFIX):  # the run keeps its own copy of generated data
+            run_dir.data.mkdir(exist_ok=True)
+            entry["path"] = shutil.copy(entry["path"], run_dir.data)
     if source.kind == "preset":
         from toolkit.models.presets import build_preset
 
@@ -132,10 +135,10 @@ def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
                     "pass resume=auto to continue it, or output_dir=NEW for a new run")
 
 
-def _resolve_data(recipe: Recipe, split: str, staging: Path) -> dict:
+def _resolve_data(recipe: Recipe, split: str) -> dict:
     location = getattr(recipe.data, split)
     if location.startswith(BUILTIN_PREFIX):
-        path = builtin.generate(location[len(BUILTIN_PREFIX):], split, staging, seed=0)
+        path = builtin.generate(location[len(BUILTIN_PREFIX):], split, builtin.cache_dir(), seed=0)
         return {"source": location, "path": str(path), "sha256": sha256_file(path)}
     path = Path(location)
     if path.is_file():
@@ -148,6 +151,11 @@ def _resolve_data(recipe: Recipe, split: str, staging: Path) -> dict:
         raise UserError(f"data.{split} file {location} does not exist",
                         f"check the path, or use {BUILTIN_PREFIX}reverse for the built-in task")
     return {"source": location, "path": location, "sha256": None}  # a hub id, hashed by its revision
+
+
+def _token_counter(tokenizer):
+    """Token lengths of a batch of texts, for the audit's overlong-record check."""
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def _tokenizer_for(recipe: Recipe, source):

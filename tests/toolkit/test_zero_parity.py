@@ -8,7 +8,7 @@ from tests.multirank import run_deepspeed
 
 WORKER = Path(__file__).parent / "workers" / "finetune_layouts.py"
 # 5 logged steps, no eval, no mid-run checkpoint: only the maths of the step is compared
-COMMON = ["train.max_steps=5", "train.log_steps=1", "train.warmup_steps=1", "train.micro_batch_size=4",
+COMMON = ["train.max_steps=5", "train.log_steps=1", "train.warmup_ratio=0.2", "train.micro_batch_size=4",
           "data.eval=null", "train.save_steps=0"]
 
 

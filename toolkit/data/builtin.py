@@ -7,6 +7,7 @@ two CPU cores, and exact-match accuracy on the held-out split shows it: near 0 b
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def _reverse_example(rng: random.Random) -> tuple[str, str]:
 def generate(task: str, split: str, folder: Path, seed: int = 0) -> Path:
     """Write ``folder/TASK-SPLIT.jsonl`` (instruction records) and return its path.
 
-    The eval split is drawn first and the train split skips its prompts, so the splits never
-    overlap; the same seed always gives byte-identical files.
+    Every prompt is drawn once across both splits, so there are no duplicates inside a split
+    and no overlap between them (the audit would flag either); the same seed always gives
+    byte-identical files. Files are written whole, then renamed, so a reader never sees half.
     """
     if task not in TASKS:
         from toolkit.errors import UserError
@@ -37,13 +39,20 @@ def generate(task: str, split: str, folder: Path, seed: int = 0) -> Path:
         rows = splits[name] = []
         while len(rows) < SIZES[name]:
             prompt, response = _reverse_example(rng)
-            if name == "train" and prompt in seen:
+            if prompt in seen:
                 continue
             seen.add(prompt)
             rows.append((prompt, response))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{task}-{split}.jsonl"
-    with path.open("w", encoding="utf-8") as out:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as out:
         for prompt, response in splits[split]:
             out.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    tmp.replace(path)
     return path
+
+
+def cache_dir() -> Path:
+    """Where generated sets live before a run copies them: ``$DSTK_CACHE`` or ~/.cache/dstk."""
+    return Path(os.environ.get("DSTK_CACHE", Path.home() / ".cache" / "dstk")) / "data"

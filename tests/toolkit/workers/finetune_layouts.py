@@ -52,4 +52,4 @@ for stage in map(int, args.stages.split(",")):
     del result, module, params
     gc.collect()
 write_result(results)
-dist.destroy_process_group()
+

@@ -1,0 +1,88 @@
+"""Recipes: every shipped recipe and DeepSpeed template validates; bad values get clear errors."""
+
+import json
+
+import pytest
+
+from toolkit import ds_config
+from toolkit.errors import UserError
+from toolkit.recipe import builtin_recipes, load_recipe
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name
+
+
+@pytest.mark.parametrize("stage,offload", [(0, "none"), (1, "none"), (2, "none"), (3, "none"),
+                                           (2, "cpu"), (3, "cpu")])
+def test_every_template_fills_from_recipe(stage, offload):
+    recipe = load_recipe("tiny", [f"parallel.zero_stage={stage}", f"parallel.offload={offload}",
+                                  "train.micro_batch_size=3", "train.grad_accum=5", "train.lr=0.01"])
+    config = ds_config.build(recipe)
+    assert "auto" not in json.dumps(config)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["train_batch_size"] == 3 * 5 * recipe.parallel.nproc
+    assert config["optimizer"]["params"]["lr"] == 0.01
+
+
+def test_every_template_is_shipped():
+    assert set(ds_config.template_names()) == {"zero0", "zero1", "zero2", "zero3", "zero2_offload",
+                                               "zero3_offload"}
+
+
+def test_overrides_are_typed_by_yaml():
+    recipe = load_recipe("tiny", ["train.max_steps=7", "train.lr=1e-4", "data.eval=null",
+                                  "train.precision=bf16"])
+    assert recipe.train.max_steps == 7 and recipe.train.lr == 1e-4
+    assert recipe.data.eval is None and recipe.train.precision == "bf16"
+
+
+def test_default_output_dir_follows_the_recipe_name(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  max_steps: 3\n")
+    assert load_recipe(path).output_dir == "runs/mine"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_step=3", "unknown key `train.max_step` (did you mean `train.max_steps`?)"),
+    ("paralel.zero_stage=3", "unknown key `paralel` (did you mean `parallel`?)"),
+    ("parallel.zero_stage=5", "`parallel.zero_stage`: Input should be less than or equal to 3"),
+    ("train.micro_batch_size=0", "`train.micro_batch_size`: Input should be greater than or equal to 1"),
+    ("train.precision=fp16", "`train.precision`: Input should be 'fp32' or 'bf16'"),
+    ("parallel.offload=cpu", "parallel.offload=cpu needs parallel.zero_stage 2 or 3"),
+    ("train.warmup_ratio=1.5", "`train.warmup_ratio`: Input should be less than 1"),
+    ("audit.enforc=false", "unknown key `audit.enforc` (did you mean `audit.enforce`?)"),
+    ("train.max_steps", "is not of the form key=value"),
+    ("--local_rank=0", "is not of the form key=value"),
+])
+def test_bad_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(UserError) as err:
+        load_recipe("tiny", ["parallel.zero_stage=1", override] if "offload" in override else [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(UserError) as err:
+        load_recipe("tiny", ["train.max_step=3", "parallel.zero_stage=9"])
+    assert "train.max_step" in str(err.value) and "parallel.zero_stage" in str(err.value)
+
+
+def test_unknown_recipe_name_suggests_builtin():
+    with pytest.raises(UserError, match="did you mean `tiny`"):
+        load_recipe("tinny")
+
+
+def test_missing_recipe_file():
+    with pytest.raises(UserError, match="recipe file nowhere.yaml does not exist"):
+        load_recipe("nowhere.yaml")
+
+
+def test_misspelt_deepspeed_key_is_refused(tmp_path):
+    config = {"zero_optimisation": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match="did you mean `zero_optimization`"):
+        ds_config.build(load_recipe("tiny", [f"parallel.ds_config={path}"]))

@@ -1,0 +1,126 @@
+"""`dstk train`: the built-in default end to end, and bad input refused before any worker starts."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dstk(*args, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "run"
+    proc = dstk("train", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_default_run_learns_the_task(default_run):
+    out, proc = default_run
+    result = json.loads((out / "run.json").read_text())["result"]
+    before, after = result["eval_before"]["accuracy"], result["eval_after"]["accuracy"]
+    assert before < 0.05 and after > 0.6, (before, after)
+    assert result["eval_after"]["loss"] < 0.5 * result["eval_before"]["loss"]
+    assert "exact match" in proc.stdout
+
+
+def test_default_run_writes_the_run_directory(default_run):
+    out, _ = default_run
+    for name in ("recipe.yaml", "ds_config.json", "run.json", "metrics.jsonl", "audit/report.json",
+                 "checkpoints/latest", "final/config.json", "final/model.safetensors",
+                 "final/tokenizer.json", "final/dstk_lineage.json"):
+        assert (out / name).is_file(), name
+    assert "auto" not in (out / "ds_config.json").read_text()
+
+
+def test_metrics_have_the_product_fields_and_the_loss_falls(default_run):
+    out, _ = default_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    for line in steps:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "peak_rss_mb"} <= set(line)
+        assert line["tokens"] > 0 and line["peak_rss_mb"] > 0
+    assert steps[-1]["loss"] < 0.3 * steps[0]["loss"]
+    assert any("eval_loss" in line for line in lines)
+
+
+def test_lineage_names_data_audit_and_versions(default_run):
+    out, _ = default_run
+    run = json.loads((out / "run.json").read_text())
+    data_file = Path(run["data"]["train"]["path"])
+    assert run["data"]["train"]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
+    assert run["audit"]["verdict"] == "pass" and run["audit"]["enforced"]
+    assert run["versions"]["deepspeed"] and run["recipe_sha256"]
+    assert run["parallel"]["zero_stage"] == 2 and run["status"] == "completed"
+
+
+def test_existing_run_is_not_overwritten(default_run):
+    out, _ = default_run
+    proc = dstk("train", f"output_dir={out}")
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "resume=auto" in proc.stderr
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture()
+def existing_dir(tmp_path):
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"status": "completed", "recipe_sha256": "x"}))
+    (out / "notes.txt").write_text("keep me")
+    return out
+
+
+def _bad_data(tmp_path: Path) -> Path:
+    path = tmp_path / "wrong_fields.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(20)))
+    return path
+
+
+@pytest.mark.parametrize("case", ["unknown key", "zero stage 5", "micro batch 0", "missing data",
+                                  "wrong fields"])
+def test_bad_input_exits_2_before_any_worker(case, existing_dir, tmp_path):
+    args = {
+        "unknown key": ["train.max_step=3"],
+        "zero stage 5": ["parallel.zero_stage=5"],
+        "micro batch 0": ["train.micro_batch_size=0"],
+        "missing data": [f"data.train={tmp_path / 'nope.jsonl'}"],
+        "wrong fields": [f"data.train={_bad_data(tmp_path)}", "data.eval=null"],
+    }[case]
+    before = _snapshot(existing_dir)
+    proc = dstk("train", f"output_dir={existing_dir}", "resume=auto", *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dstk train: error:"), proc.stderr
+    assert "spawned with command" not in proc.stdout + proc.stderr  # no DeepSpeed worker started
+    assert _snapshot(existing_dir) == before
+
+
+def test_failing_audit_stops_the_run_with_exit_1(tmp_path):
+    """Eval records copied into the training data: leakage, so no worker may start."""
+    rows = [{"prompt": f"reverse {n} =", "response": f" {str(n)[::-1]}"} for n in range(1000, 1400)]
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    out = tmp_path / "run"
+    proc = dstk("train", f"output_dir={out}", f"data.train={train}", f"data.eval={evaluation}", timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "data audit failed" in proc.stderr and str(out / "audit" / "report.md") in proc.stderr
+    report = json.loads((out / "audit" / "report.json").read_text())
+    assert report["verdict"] == "fail"
+    leaked = {r["index"] for f in report["findings"] if f["check"] == "exact_duplicate"
+              for r in f["records"] if r["split"] == "eval"}
+    assert leaked == {0, 1, 2, 3, 4}
+    assert not (out / "checkpoints").exists() and "spawned with command" not in proc.stdout + proc.stderr
