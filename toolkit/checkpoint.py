@@ -43,18 +43,34 @@ def resume(engine, folder: Path) -> int:
     return step
 
 
-def consolidate(engine, tokenizer, out: Path) -> Path | None:
+def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> Path | None:
     """Write the engine's model to ``out`` as a Hugging Face model, tied weights kept tied.
 
-    Every rank must call this; rank 0 writes and returns the folder, the others return None.
+    Every rank must call this, after :func:`save` of ``step`` into ``checkpoints``; rank 0 writes
+    and returns the folder, the others return None. ZeRO-3 shards and AutoTP slices are gathered
+    module by module (DeepSpeed's own gathers, the ones accelerate and the HF Trainer use too,
+    which return weights in the training dtype); a pipeline is rebuilt from the checkpoint's
+    per-layer files, since each rank only ever held its own stage.
     """
-    stage = engine.zero_optimization_stage()
-    # DeepSpeed's per-module ZeRO-3 gather, the one accelerate and the HF Trainer use as well;
-    # despite its name it returns the weights in the engine's training dtype.
-    state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else engine.module.state_dict()
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if isinstance(engine, PipelineEngine):
+        state = None
+        dist.barrier()  # every stage's layer files are on disk
+    elif engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    elif engine.autotp_size() > 1:
+        state = engine._replace_module_consolidated_state_dict()
+    else:
+        state = engine.module.state_dict()
     if dist.get_rank() != 0:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    if isinstance(engine, PipelineEngine):
+        from toolkit.models.pipeline import consolidate as consolidate_pipeline
+
+        consolidate_pipeline(checkpoints, engine.module.hf_config, out, tag=tag(step))
+    else:
+        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -32,8 +32,12 @@ KNOWN_KEYS = frozenset({
 
 
 def template_name(recipe: Recipe) -> str:
-    """The ``ds_configs/`` template for the recipe's ZeRO stage and offload choice."""
+    """The ``ds_configs/`` template for the recipe's layout: pipeline, AutoTP or a ZeRO stage."""
     p = recipe.parallel
+    if p.pipeline_stages > 1:
+        return "pipeline"
+    if p.tensor_parallel > 1:
+        return "autotp"
     return f"zero{p.zero_stage}" + ("_offload" if p.offload == "cpu" else "")
 
 
@@ -80,11 +84,14 @@ def build(recipe: Recipe) -> dict[str, Any]:
     """
     config = load_template(recipe)
     t, p = recipe.train, recipe.parallel
-    data_parallel = p.nproc // (p.pipeline_stages * p.tensor_parallel)
     values = {
+        "zero_optimization.stage": p.zero_stage,
+        "tensor_parallel.autotp_size": p.tensor_parallel,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * data_parallel,
+        # DeepSpeed 0.19.8 checks this against every rank outside a pipeline, AutoTP ranks
+        # included, though tensor-parallel ranks share their batch
+        "train_batch_size": t.micro_batch_size * t.grad_accum * p.nproc // p.pipeline_stages,
         "gradient_clipping": t.grad_clip,
         # the engine logs itself; keep DeepSpeed's own step printing out of the way
         "steps_per_print": 10**9,
@@ -96,10 +103,13 @@ def build(recipe: Recipe) -> dict[str, Any]:
         "scheduler.params.cos_min_ratio": t.min_lr_ratio,
     }
     _fill_auto(config, values, prefix="")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage != p.zero_stage:
-        raise UserError(f"the DeepSpeed config sets zero_optimization.stage={stage} but the recipe "
-                        f"sets parallel.zero_stage={p.zero_stage}", "make them agree")
+    for key, wanted in (("zero_optimization.stage", p.zero_stage),
+                        ("tensor_parallel.autotp_size", p.tensor_parallel)):
+        section, name = key.split(".")
+        found = config.get(section, {}).get(name, 0 if name == "stage" else 1)
+        if found != wanted:
+            raise UserError(f"the DeepSpeed config sets {key}={found} but the recipe asks for {wanted}",
+                            "make them agree, or write \"auto\" in the config")
     return config
 
 

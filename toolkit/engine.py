@@ -5,6 +5,9 @@ token of the whole global batch (all micro-batches, all ranks), not a mean of pe
 means, so it does not depend on how the batch is cut up. DeepSpeed divides each micro-batch loss
 by ``grad_accum`` and averages gradients over data-parallel ranks; scaling each micro-batch's
 token-sum by ``data_parallel x grad_accum / tokens_in_step`` makes the result exactly that mean.
+
+Two drivers share that definition: :class:`Trainer` runs an HF module micro-batch by micro-batch
+(ZeRO 0-3, AutoTP), :class:`PipelineTrainer` hands whole steps to DeepSpeed's pipeline engine.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, targets != IGNORE
 
 
+def pipeline_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The pipeline's last-stage loss: the token-sum of a micro-batch times its step's scale."""
+    labels, scale = target
+    return token_losses(logits, labels)[0].sum() * scale
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -41,53 +50,78 @@ class EvalResult:
 
 
 class Trainer:
-    """Runs steps, evaluation and logging for one rank of a DeepSpeed engine."""
+    """Runs steps, evaluation and logging for one rank of a DeepSpeed engine.
+
+    Args:
+        engine: the DeepSpeed engine.
+        batches: this rank's view of the global batches (its data-parallel rank and size).
+        train, evalset: the encoded sets.
+        pad_id: the tokenizer's padding id.
+        logger: metrics on rank 0.
+        replicas: ranks that compute each data-parallel share identically (the tensor-parallel
+            degree); sums over all ranks are divided by it.
+    """
+
+    # Pad every micro-batch to this many tokens (None: to its longest record).
+    pad_to: int | None = None
 
     def __init__(self, engine, batches: GlobalBatches, train: EncodedSet, evalset: EncodedSet | None,
-                 pad_id: int, logger: MetricsLogger, eval_batch_size: int):
+                 pad_id: int, logger: MetricsLogger, replicas: int = 1):
         self.engine, self.batches, self.train, self.evalset = engine, batches, train, evalset
-        self.pad_id, self.logger, self.eval_batch_size = pad_id, logger, eval_batch_size
-        self.dp = batches.dp
-        self.gas = batches.gas
+        self.pad_id, self.logger, self.replicas = pad_id, logger, replicas
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _collate(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
+        return collate(data, indices, self.pad_id, width=self.pad_to)
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Next-token logits of a micro-batch (None on ranks that do not compute them)."""
         device = self.engine.device
-        out = self.engine(input_ids=batch["input_ids"].to(device),
-                          attention_mask=batch["attention_mask"].to(device), use_cache=False)
-        labels = batch["labels"].to(device)
-        loss, mask = token_losses(out.logits, labels)
-        return loss, mask, out.logits[:, :-1].argmax(-1) == labels[:, 1:]
+        return self.engine(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
 
     def train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step; returns this rank's share of the step loss (not yet reduced)."""
+        """One optimizer step; returns this rank's share of the step loss (see :meth:`step_loss`)."""
         self.engine.train()
-        scale = self.dp * self.gas / max(1, self.batches.target_tokens(step))
-        total = torch.zeros((), device=self.engine.device)
+        share = torch.zeros((), device=self.engine.device)
+        tokens = max(1, self.batches.target_tokens(step))
         for indices in self.batches.micro_batches(step):
-            loss, _, _ = self._forward(collate(self.train, indices, self.pad_id))
-            micro = loss.sum() * scale
-            self.engine.backward(micro)
+            batch = self._collate(self.train, indices)
+            loss, _ = token_losses(self._logits(batch), batch["labels"].to(self.engine.device))
+            micro = loss.sum() / tokens
+            # DeepSpeed divides by grad_accum and averages over data-parallel ranks; undo both so
+            # the gradient is that of the token mean over the whole global batch
+            self.engine.backward(micro * self.batches.dp * self.batches.gas)
             self.engine.step()
-            total += micro.detach() / self.gas
-        return total
+            share += micro.detach()
+        return share
+
+    def step_loss(self, share: torch.Tensor) -> float:
+        """The step loss from every rank's share (a collective call)."""
+        dist.all_reduce(share)
+        return share.item() / self.replicas
 
     @torch.no_grad()
     def evaluate(self) -> EvalResult:
         """Token-mean loss and exact-match accuracy over the whole eval set, all ranks together."""
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, target tokens, correct records, records
-        for indices in eval_shards(len(self.evalset), self.eval_batch_size, self.dp, dist.get_rank()):
+        mbs = self.batches.mbs
+        for indices in eval_shards(len(self.evalset), mbs, self.batches.dp, self.batches.rank):
             real = torch.from_numpy(indices >= 0)
-            batch = collate(self.evalset, indices.clip(min=0), self.pad_id)
+            batch = self._collate(self.evalset, indices.clip(min=0))
             batch["labels"][~real] = IGNORE  # padding slots keep ranks in step but count for nothing
-            loss, mask, hit = self._forward(batch)
-            mask, hit = mask.cpu(), hit.cpu()
+            logits = self._logits(batch)
+            if logits is None:
+                continue
+            loss, mask = token_losses(logits, batch["labels"].to(logits.device))
+            hit = logits[:, :-1].argmax(-1).cpu() == batch["labels"][:, 1:]
+            mask = mask.cpu()
             has_target = mask.any(dim=1)
             correct = ((hit | ~mask).all(dim=1) & has_target).sum()
             sums += torch.tensor([loss.sum().item(), mask.sum().item(), correct.item(),
                                   has_target.sum().item()], dtype=torch.float64)
         dist.all_reduce(sums)
-        loss_sum, tokens, correct, records = sums.tolist()
+        loss_sum, tokens, correct, records = (sums / self.replicas).tolist()
         return EvalResult(loss_sum / max(tokens, 1), correct / max(records, 1), int(records))
 
     def fit(self, start: int, max_steps: int, eval_steps: int, save_steps: int, log_steps: int,
@@ -101,14 +135,14 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         self.logger.open_progress(start, max_steps)
         for step in range(start, max_steps):
-            loss = self.train_step(step)
+            share = self.train_step(step)
             window_tokens += self.batches.tokens(step)
             done = step + 1
             if done % log_steps == 0 or done == max_steps:
-                dist.all_reduce(loss)
+                loss = self.step_loss(share)  # the only host sync of a step, on logging steps
                 elapsed = time.perf_counter() - window_start
                 lines.append(self.logger.log_step(
-                    step=done, loss=loss.item() / self.dp, lr=self.engine.get_lr()[0],
+                    step=done, loss=loss, lr=self.engine.get_lr()[0],
                     tokens=self.batches.tokens(step), tokens_per_s=window_tokens / elapsed))
                 window_tokens, window_start = 0, time.perf_counter()
             self.logger.advance()
@@ -118,3 +152,35 @@ class Trainer:
                 save(done)
         self.logger.close_progress()
         return lines
+
+
+class PipelineTrainer(Trainer):
+    """The same steps through DeepSpeed's pipeline engine (``train_batch`` / ``eval_batch``).
+
+    Micro-batches all have one shape, ``seq_len`` tokens: DeepSpeed sizes the buffers between
+    stages from the first one.
+    """
+
+    def __init__(self, *args, seq_len: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pad_to = seq_len
+
+    def _item(self, batch: dict[str, torch.Tensor], scale: float):
+        return (batch["input_ids"], batch["attention_mask"]), (batch["labels"], torch.tensor(scale))
+
+    def train_step(self, step: int) -> torch.Tensor:
+        self.engine.train()
+        scale = self.batches.dp * self.batches.gas / max(1, self.batches.target_tokens(step))
+        items = [self._item(self._collate(self.train, indices), scale)
+                 for indices in self.batches.micro_batches(step)]
+        # DeepSpeed averages the micro-batch losses and the data-parallel ranks and broadcasts
+        # the result from the last stage: with this scale, that is already the step loss
+        return self.engine.train_batch(iter(items))
+
+    def step_loss(self, share: torch.Tensor) -> float:
+        return share.item()
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        _, logits = self.engine.eval_batch(iter([self._item(batch, 1.0)]), return_logits=True,
+                                           num_micro_batches=1)
+        return logits if self.engine.is_last_stage() else None

@@ -70,6 +70,19 @@ def _init_distributed() -> None:
     atexit.register(_teardown)
 
 
+def _data_parallel_rank(engine, recipe: Recipe) -> int:
+    """Which data-parallel share of each global batch this rank computes."""
+    import torch.distributed as dist
+
+    if recipe.parallel.pipeline_stages > 1:
+        return engine.grid.data_parallel_id
+    if recipe.parallel.tensor_parallel > 1:  # DeepSpeed made the groups when it applied AutoTP
+        from deepspeed.utils import groups
+
+        return groups.get_data_parallel_rank()
+    return dist.get_rank()
+
+
 def _prepare_everywhere(recipe: Recipe) -> dict:
     """Rank 0 prepares (or finds prepared) the run directory; every rank gets the outcome."""
     import torch.distributed as dist
@@ -103,9 +116,9 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
 
     from toolkit import checkpoint
     from toolkit.data import GlobalBatches, encode_set
-    from toolkit.engine import Trainer
+    from toolkit.engine import PipelineTrainer, Trainer
     from toolkit.metrics import MetricsLogger
-    from toolkit.models import load_for_training, load_tokenizer
+    from toolkit.models import build_model, load_tokenizer
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
@@ -122,7 +135,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     torch.manual_seed(t.seed)
     model_path = run["model"]["path"]
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
-    model, _zero3_handle = load_for_training(model_path, ds_config, t.precision, recipe.trust_remote_code)
+    model, _zero3_handle = build_model(recipe, model_path, ds_config)
 
     def encoded(split: str, limit: int | None = None):
         return encode_set(run["data"][split]["path"], tokenizer, recipe.data, t.seq_len, limit=limit,
@@ -130,10 +143,15 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
 
     train = encoded("train")
     evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, dist.get_world_size(), rank, t.seed)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                     if p.requires_grad], config=ds_config)
+    pipeline = recipe.parallel.pipeline_stages > 1
+    dp_rank = _data_parallel_rank(engine, recipe)
+    batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, recipe.data_parallel, dp_rank, t.seed)
     logger = MetricsLogger(run_dir.metrics, rank)
-    trainer = Trainer(engine, batches, train, evalset, tokenizer.pad_token_id, logger, t.micro_batch_size)
+    common = dict(pad_id=tokenizer.pad_token_id, logger=logger, replicas=recipe.parallel.tensor_parallel)
+    trainer = (PipelineTrainer(engine, batches, train, evalset, seq_len=t.seq_len, **common) if pipeline
+               else Trainer(engine, batches, train, evalset, **common))
 
     start = checkpoint.resume(engine, run_dir.checkpoints) if recipe.resume == "auto" else 0
     if rank == 0:
@@ -147,7 +165,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     if eval_after is not None:
         lines.append(logger.log_eval(t.max_steps, eval_after))
     checkpoint.save(engine, run_dir.checkpoints, t.max_steps)
-    checkpoint.consolidate(engine, tokenizer, run_dir.final)
+    checkpoint.consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, t.max_steps)
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],

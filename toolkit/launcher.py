@@ -45,7 +45,9 @@ def launch(recipe: Recipe) -> int:
     Raises:
         UserError / AuditFailed: before any worker starts (exit 2 / 1).
     """
-    prepare(recipe)
+    run = prepare(recipe)
+    if "pipeline" in run["parallel"]:
+        print(run["parallel"]["pipeline"]["summary"], flush=True)
     run_dir = RunDir(Path(recipe.output_dir))
     port = recipe.parallel.master_port or free_port()
     return subprocess.run(command(recipe, run_dir.recipe, port), env=worker_env(recipe)).returncode

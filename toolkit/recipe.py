@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -72,8 +73,24 @@ class ParallelConfig(_Strict):
         description="`cpu` moves optimizer state (and with ZeRO-3 the parameters) to host memory: "
         "slower steps, far less accelerator memory. Needs zero_stage 2 or 3.",
     )
-    pipeline_stages: int = Field(1, ge=1, description="Pipeline stages the model is split into.")
-    tensor_parallel: int = Field(1, ge=1, description="Tensor-parallel degree (DeepSpeed AutoTP).")
+    pipeline_stages: int = Field(
+        1, ge=1,
+        description="Pipeline stages the model is split into; nproc / stages ranks hold each stage "
+        "(data parallel). With ZeRO 0 or 1 only.",
+    )
+    pipeline_partition: str = Field(
+        "parameters",
+        description="How layers are split over stages: `parameters` (balanced counts), `uniform` "
+        "(balanced layer counts) or `type:REGEX` (balance the layers whose name matches).",
+    )
+    activation_checkpoint_interval: int = Field(
+        0, ge=0, description="Pipelines: recompute activations in chunks of this many layers (0: off)."
+    )
+    tensor_parallel: int = Field(
+        1, ge=1,
+        description="Tensor-parallel degree (DeepSpeed AutoTP): each layer's weights are split over "
+        "this many ranks. With ZeRO 0-2; not inside a pipeline.",
+    )
     ds_config: str | None = Field(
         None,
         description="A DeepSpeed JSON config to start from instead of the built-in template for "
@@ -141,11 +158,31 @@ class Recipe(_Strict):
     def _layout_rules(self) -> Recipe:
         p, t = self.parallel, self.train
         problems = []
-        if p.pipeline_stages > 1 or p.tensor_parallel > 1:
-            problems.append(
-                "parallel.pipeline_stages and parallel.tensor_parallel > 1 are not available in "
-                "this version yet (set both to 1)"
-            )
+        model_parallel = p.pipeline_stages * p.tensor_parallel
+        if p.nproc % model_parallel:
+            problems.append(f"parallel.nproc ({p.nproc}) must be a multiple of parallel.pipeline_stages "
+                            f"x parallel.tensor_parallel ({model_parallel})")
+        if p.pipeline_stages > 1 and p.zero_stage > 1:
+            problems.append(f"parallel.zero_stage={p.zero_stage} cannot run with pipeline_stages > 1: "
+                            "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only (it accumulates "
+                            "gradients per stage, which ZeRO-2/3 partitioning breaks)")
+        if p.pipeline_stages > 1 and p.tensor_parallel > 1:
+            problems.append("parallel.tensor_parallel > 1 cannot run with pipeline_stages > 1: DeepSpeed "
+                            "AutoTP training does not run inside its pipeline engine")
+        if p.tensor_parallel > 1 and p.zero_stage == 3:
+            problems.append("parallel.tensor_parallel > 1 needs parallel.zero_stage 0, 1 or 2 "
+                            "(DeepSpeed AutoTP training does not combine with ZeRO-3)")
+        if p.tensor_parallel > 1 and p.offload == "cpu":
+            problems.append("parallel.offload=cpu is not supported with tensor_parallel > 1")
+        if p.pipeline_partition not in ("parameters", "uniform"):
+            pattern = p.pipeline_partition.removeprefix("type:")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                pattern = None
+                problems.append(f"parallel.pipeline_partition regex is invalid: {err}")
+            if pattern is not None and not p.pipeline_partition.startswith("type:"):
+                problems.append("parallel.pipeline_partition must be parameters, uniform or type:REGEX")
         if p.offload == "cpu" and p.zero_stage < 2:
             problems.append("parallel.offload=cpu needs parallel.zero_stage 2 or 3")
         if t.packing:
@@ -160,8 +197,9 @@ class Recipe(_Strict):
         return max(1, round(self.train.warmup_ratio * self.train.max_steps))
 
     @property
-    def world_size(self) -> int:
-        return self.parallel.nproc
+    def data_parallel(self) -> int:
+        """Ranks that hold the same model part and see different data."""
+        return self.parallel.nproc // (self.parallel.pipeline_stages * self.parallel.tensor_parallel)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -28,8 +28,15 @@ def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout) -> None:
     losses = [line["loss"] for line in lines if "loss" in line]
     speed = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line]
     result = run.get("result", {})
+    p = recipe.parallel
+    layout = f"ZeRO-{p.zero_stage}" + (f", {p.pipeline_stages} pipeline stages" if p.pipeline_stages > 1 else "") \
+        + (f", tensor parallel {p.tensor_parallel}" if p.tensor_parallel > 1 else "")
     print(f"\ndstk train: {run['status']} {result.get('steps')} steps of {run['model']['name']} "
-          f"on {recipe.parallel.nproc} rank(s), ZeRO-{recipe.parallel.zero_stage}", file=out)
+          f"on {p.nproc} rank(s), {layout}", file=out)
+    if "pipeline" in run["parallel"]:
+        pipe = run["parallel"]["pipeline"]
+        print(f"  {pipe['summary']}\n  bubble        {pipe['bubble_fraction']:.1%} of each step "
+              f"({pipe['micro_batches']} micro-batches)", file=out)
     if losses:
         print(f"  loss          {losses[0]:.4f} -> {losses[-1]:.4f}", file=out)
     before, after = result.get("eval_before"), result.get("eval_after")

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from toolkit import ds_config as ds_config_module
+from toolkit import layout
 from toolkit.data import builtin
 from toolkit.errors import UserError
 from toolkit.gate import run_gate
@@ -74,6 +75,7 @@ def prepare(recipe: Recipe) -> dict:
         return existing
     source = resolve_model(recipe.model)
     config = ds_config_module.build(recipe)
+    parallel = layout.describe(recipe, layout.model_config(recipe, source))
     data = {split: _resolve_data(recipe, split)
             for split in ("train", "eval") if getattr(recipe.data, split) is not None}
     tokenizer = _tokenizer_for(recipe, source)
@@ -110,8 +112,7 @@ def prepare(recipe: Recipe) -> dict:
         "model": {"source": source.kind, "name": source.name, "path": model_path},
         "data": data,
         "audit": audit_entry,
-        "parallel": {**recipe.parallel.model_dump(), "data_parallel": recipe.world_size,
-                     "ds_config_template": recipe.parallel.ds_config
+        "parallel": {**parallel, "ds_config_template": recipe.parallel.ds_config
                      or f"ds_configs/{ds_config_module.template_name(recipe)}.json"},
     }
     run_dir.write_run(run)

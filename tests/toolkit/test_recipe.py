@@ -1,6 +1,7 @@
 """Recipes: every shipped recipe and DeepSpeed template validates; bad values get clear errors."""
 
 import json
+import re
 
 import pytest
 
@@ -15,21 +16,24 @@ def test_shipped_recipe_validates(name):
     assert recipe.name == name
 
 
-@pytest.mark.parametrize("stage,offload", [(0, "none"), (1, "none"), (2, "none"), (3, "none"),
-                                           (2, "cpu"), (3, "cpu")])
-def test_every_template_fills_from_recipe(stage, offload):
+@pytest.mark.parametrize("stage,offload,extra", [
+    (0, "none", []), (1, "none", []), (2, "none", []), (3, "none", []), (2, "cpu", []), (3, "cpu", []),
+    (1, "none", ["parallel.pipeline_stages=2"]), (1, "none", ["parallel.tensor_parallel=2"]),
+])
+def test_every_template_fills_from_recipe(stage, offload, extra):
     recipe = load_recipe("tiny", [f"parallel.zero_stage={stage}", f"parallel.offload={offload}",
-                                  "train.micro_batch_size=3", "train.grad_accum=5", "train.lr=0.01"])
+                                  "train.micro_batch_size=3", "train.grad_accum=5", "train.lr=0.01", *extra])
     config = ds_config.build(recipe)
-    assert "auto" not in json.dumps(config)
+    assert ds_config.template_name(recipe) in ds_config.template_names()
+    assert '"auto"' not in json.dumps(config)
     assert config["zero_optimization"]["stage"] == stage
-    assert config["train_batch_size"] == 3 * 5 * recipe.parallel.nproc
+    assert config["train_batch_size"] == 3 * 5 * recipe.parallel.nproc // recipe.parallel.pipeline_stages
     assert config["optimizer"]["params"]["lr"] == 0.01
 
 
 def test_every_template_is_shipped():
     assert set(ds_config.template_names()) == {"zero0", "zero1", "zero2", "zero3", "zero2_offload",
-                                               "zero3_offload"}
+                                               "zero3_offload", "pipeline", "autotp"}
 
 
 def test_overrides_are_typed_by_yaml():
@@ -55,6 +59,9 @@ def test_default_output_dir_follows_the_recipe_name(tmp_path):
     ("train.warmup_ratio=1.5", "`train.warmup_ratio`: Input should be less than 1"),
     ("audit.enforc=false", "unknown key `audit.enforc` (did you mean `audit.enforce`?)"),
     ("train.max_steps", "is not of the form key=value"),
+    ("parallel.pipeline_stages=3", "parallel.nproc (2) must be a multiple of parallel.pipeline_stages"),
+    ("parallel.pipeline_partition=type:[", "parallel.pipeline_partition regex is invalid"),
+    ("parallel.pipeline_partition=layers", "must be parameters, uniform or type:REGEX"),
     ("--local_rank=0", "is not of the form key=value"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, message):
@@ -62,6 +69,19 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
         load_recipe("tiny", ["parallel.zero_stage=1", override] if "offload" in override else [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.pipeline_stages=2", "parallel.zero_stage=2"], "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only"),
+    (["parallel.pipeline_stages=2", "parallel.zero_stage=3"], "DeepSpeed's pipeline engine supports ZeRO 0 and 1 only"),
+    (["parallel.nproc=4", "parallel.pipeline_stages=2", "parallel.tensor_parallel=2", "parallel.zero_stage=1"],
+     "AutoTP training does not run inside its pipeline engine"),
+    (["parallel.tensor_parallel=2", "parallel.zero_stage=3"], "does not combine with ZeRO-3"),
+    (["parallel.tensor_parallel=4"], "parallel.nproc (2) must be a multiple"),
+])
+def test_impossible_layouts_are_refused(overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_recipe("tiny", overrides)
 
 
 def test_all_problems_are_reported_at_once():

@@ -39,7 +39,7 @@ def test_default_run_writes_the_run_directory(default_run):
                  "checkpoints/latest", "final/config.json", "final/model.safetensors",
                  "final/tokenizer.json", "final/dstk_lineage.json"):
         assert (out / name).is_file(), name
-    assert "auto" not in (out / "ds_config.json").read_text()
+    assert '"auto"' not in (out / "ds_config.json").read_text()
 
 
 def test_metrics_have_the_product_fields_and_the_loss_falls(default_run):

@@ -71,9 +71,9 @@ class GlobalBatches:
         return int(self.data.lengths[self._step_records(step)].sum())
 
 
-def collate(data: EncodedSet, indices, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch to its longest record; padding has label -100 and mask 0."""
-    width = int(data.lengths[indices].max())
+def collate(data: EncodedSet, indices, pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch to ``width`` or its longest record; padding has label -100, mask 0."""
+    width = width or int(data.lengths[indices].max())
     batch = {"input_ids": torch.full((len(indices), width), pad_id, dtype=torch.long),
              "attention_mask": torch.zeros((len(indices), width), dtype=torch.long),
              "labels": torch.full((len(indices), width), IGNORE, dtype=torch.long)}

@@ -53,6 +53,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """The module DeepSpeed will train for ``recipe``: the HF model, or its pipeline conversion.
+
+    A pipeline rank builds only its own stage's layers, reading their weights from ``path``.
+    """
+    p = recipe.parallel
+    if p.pipeline_stages == 1:
+        return load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code)
+    from transformers import AutoConfig
+
+    from toolkit.engine import pipeline_loss
+    from toolkit.models.pipeline import to_pipeline
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=recipe.trust_remote_code)
+    module = to_pipeline(config, p.pipeline_stages, weights=path, partition=p.pipeline_partition,
+                         activation_checkpoint_interval=p.activation_checkpoint_interval,
+                         loss_fn=pipeline_loss, dtype=DTYPES[recipe.train.precision], seed=recipe.train.seed)
+    return module, None
+
+
 def load_for_training(path: str, ds_config: dict[str, Any], precision: str,
                       trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
     """Load the model in ``path`` the way ``ds_config`` will train it.

@@ -44,6 +44,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def preset_config(name: str):
+    """The transformers config of preset ``name``, sized to the built-in tokenizer."""
+    tokenizer = char_tokenizer()
+    settings = dict(PRESETS[name])
+    return AutoConfig.for_model(
+        settings.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings
+    )
+
+
 def build_preset(name: str, folder: Path, seed: int, dtype: torch.dtype = torch.float32) -> Path:
     """Initialise preset ``name`` with ``seed`` and save it with its tokenizer to ``folder``.
 
@@ -51,11 +61,7 @@ def build_preset(name: str, folder: Path, seed: int, dtype: torch.dtype = torch.
     and makes a preset take the same ZeRO-3 aware path as a user's pretrained model.
     """
     tokenizer = char_tokenizer()
-    settings = dict(PRESETS[name])
-    config = AutoConfig.for_model(
-        settings.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings
-    )
+    config = preset_config(name)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

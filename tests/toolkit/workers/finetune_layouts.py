@@ -1,8 +1,9 @@
-"""Worker: fine-tune the same recipe under several ZeRO stages in one launch.
+"""Worker: fine-tune the same recipe under several parallel layouts in one launch.
 
-Usage: finetune_layouts.py OUT STAGES [key=value ...]; STAGES like "0,1,2,3". Writes, per stage,
-the logged losses and, with --probe, the largest relative difference between the trained engine's
-logits and those of its consolidated final/ reloaded by from_pretrained.
+Usage: finetune_layouts.py OUT --layout NAME=key=value,key=value ... [-- key=value ...]
+Writes, per layout, the logged losses, how much of the model this rank holds, and on rank 0 the
+logits of its consolidated final/ (reloaded by from_pretrained) on a fixed probe; for layouts
+driven module by module, also the largest relative difference to the trained engine's logits.
 """
 
 import argparse
@@ -15,41 +16,49 @@ import torch.distributed as dist
 from tests.multirank import write_result
 from toolkit import finetune
 
+PROBE = torch.arange(24).view(2, 12) * 7 % 90 + 5  # token ids inside the tiny vocabulary
+
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
-parser.add_argument("stages")
-parser.add_argument("--probe", action="store_true")
+parser.add_argument("--layout", action="append", default=[], help="NAME=override,override")
 parser.add_argument("--local_rank", type=int)  # passed by the launcher
-args, overrides = parser.parse_known_args()
+args, common = parser.parse_known_args()
+
+
+def final_logits(folder):
+    from transformers import AutoModelForCausalLM
+
+    gc.collect()  # drop a ZeRO-3 HfDeepSpeedConfig so from_pretrained loads plainly
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=PROBE).logits.float(), model
+
 
 deepspeed.init_distributed(verbose=False)
 results = {}
-for stage in map(int, args.stages.split(",")):
-    result = finetune(None, [f"output_dir={args.out}/zero{stage}", f"parallel.zero_stage={stage}",
-                             f"parallel.nproc={dist.get_world_size()}", *overrides])
-    entry = {"losses": result.losses, "zero_partitioned": None}
-    module = result.engine.module
-    params = list(module.parameters())
-    # under ZeRO-3 each rank holds only its shard: ds_tensor is the local partition
-    entry["zero_partitioned"] = all(hasattr(p, "ds_tensor") for p in params)
+for spec in args.layout:
+    name, _, overrides = spec.partition("=")
+    result = finetune(None, [f"output_dir={args.out}/{name}", f"parallel.nproc={dist.get_world_size()}",
+                             *common, *filter(None, overrides.split(","))])
+    entry = {"losses": result.losses}
+    params = list(result.engine.module.parameters())
+    # ZeRO-3 keeps a rank's shard in ds_tensor; other layouts hold what parameters() shows
+    entry["partitioned"] = all(hasattr(p, "ds_tensor") for p in params)
     entry["local_numel"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
-    entry["full_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    if args.probe:
-        probe = (torch.arange(24).view(2, 12) * 7 % 90 + 5).to(result.engine.device)
+    pipeline = hasattr(result.engine, "train_batch") and hasattr(result.engine, "is_last_stage")
+    trained = None
+    if not pipeline:
         result.engine.eval()
         with torch.no_grad():
-            trained = module(input_ids=probe).logits.float().cpu()
-        if dist.get_rank() == 0:
-            from transformers import AutoModelForCausalLM
-
-            gc.collect()  # drop the ZeRO-3 HfDeepSpeedConfig so from_pretrained loads plainly
-            reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir, dtype=torch.float32)
-            with torch.no_grad():
-                again = reloaded(input_ids=probe.cpu()).logits.float()
-            entry["final_rel_diff"] = ((again - trained).abs().max() / trained.abs().max()).item()
-            entry["tied"] = reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
-    results[stage] = entry
-    del result, module, params
+            trained = result.engine.module(input_ids=PROBE.to(result.engine.device)).logits.float().cpu()
+    if dist.get_rank() == 0:
+        logits, model = final_logits(result.final_dir)
+        entry["final_logits"] = logits.tolist()
+        entry["full_numel"] = sum(p.numel() for p in model.parameters())
+        entry["tied"] = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        if trained is not None:
+            entry["final_vs_engine"] = ((logits - trained).abs().max() / trained.abs().max()).item()
+    results[name] = entry
+    del result, params
     gc.collect()
 write_result(results)
-

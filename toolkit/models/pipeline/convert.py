@@ -137,8 +137,9 @@ class HFPipelineModule(PipelineModule):
     this class hands it the counts from the plan instead.
     """
 
-    def __init__(self, layers, split: Split, **kwargs):
+    def __init__(self, layers, split: Split, hf_config=None, **kwargs):
         self.split = split  # read by _count_layer_params inside PipelineModule.__init__
+        self.hf_config = hf_config  # what consolidation rebuilds the HF model from
         super().__init__(layers, num_stages=split.num_stages, partition_method=split.ds_partition_method, **kwargs)
         assert tuple(self.parts) == split.parts, (self.parts, split.parts)
         # DeepSpeed's fp32 gradient clipping (clip_grad_norm_ with the pipeline grid as mpu) sums
@@ -206,7 +207,7 @@ def to_pipeline(
         source.aliases[f"{plan[0].modules['tokens']}.weight"] = f"{head}.weight"
     specs = [_spec(layer, source) for layer in plan]
     module = HFPipelineModule(
-        specs, split, loss_fn=loss_fn, activation_checkpoint_interval=activation_checkpoint_interval,
+        specs, split, hf_config=source.model.config, loss_fn=loss_fn, activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=[DecoderLayerPipe.__name__],
     )
     source.release()

@@ -1,0 +1,34 @@
+"""Layouts checked against the model's config before any worker starts."""
+
+import pytest
+
+from toolkit import layout
+from toolkit.errors import UserError
+from toolkit.models.loading import resolve_model
+from toolkit.recipe import load_recipe
+
+
+def _describe(*overrides):
+    recipe = load_recipe("tiny", list(overrides))
+    return layout.describe(recipe, layout.model_config(recipe, resolve_model(recipe.model)))
+
+
+def test_pipeline_split_and_bubble_are_described():
+    described = _describe("parallel.pipeline_stages=2", "parallel.zero_stage=1", "train.grad_accum=4")
+    pipe = described["pipeline"]
+    stages = pipe["split"]["stages"]
+    assert len(stages) == 2
+    assert pipe["bubble_fraction"] == pytest.approx(1 / 5)  # (p-1)/(m+p-1), p=2, m=4
+    assert described["data_parallel"] == 1
+    assert "stage 0" in pipe["summary"] and "stage 1" in pipe["summary"]
+
+
+def test_tensor_parallel_wider_than_the_heads_is_refused():
+    with pytest.raises(UserError, match="does not divide the model's 4 attention heads"):
+        _describe("parallel.nproc=8", "parallel.tensor_parallel=8", "parallel.zero_stage=1")
+
+
+def test_tensor_parallel_must_divide_key_value_heads():
+    # tiny-mistral has 4 attention heads but 2 key-value heads
+    with pytest.raises(UserError, match="2 key-value heads"):
+        _describe("model=tiny-mistral", "parallel.nproc=4", "parallel.tensor_parallel=4", "parallel.zero_stage=1")

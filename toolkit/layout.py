@@ -1,0 +1,58 @@
+"""The parallel layout of a run, checked against the model before any worker starts.
+
+The recipe alone can say that 3 ranks do not split into 2 pipeline stages; only the model's
+config can say that 8-way tensor parallelism does not fit 4 attention heads, or which layers each
+pipeline stage will hold. This module answers both and describes the layout for run.json.
+"""
+
+from __future__ import annotations
+
+from toolkit.errors import UserError
+from toolkit.recipe import Recipe
+
+
+def model_config(recipe: Recipe, source):
+    """The transformers config of the recipe's model, loaded without its weights."""
+    if source.kind == "preset":
+        from toolkit.models.presets import preset_config
+
+        return preset_config(source.name)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.name, trust_remote_code=recipe.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read the config of model {source.name!r}: {str(err).splitlines()[0]}",
+                        "pass a directory saved with save_pretrained or a reachable hub id") from None
+
+
+def describe(recipe: Recipe, config) -> dict:
+    """Check the layout against ``config``; return its description for run.json.
+
+    Raises:
+        UserError: tensor parallelism wider than the attention heads allow, or a model the
+            pipeline converter does not support or cannot split into that many stages.
+    """
+    p, t = recipe.parallel, recipe.train
+    layout = {"nproc": p.nproc, "data_parallel": recipe.data_parallel,
+              "pipeline_stages": p.pipeline_stages, "tensor_parallel": p.tensor_parallel,
+              "zero_stage": p.zero_stage, "offload": p.offload}
+    if p.tensor_parallel > 1:
+        heads = getattr(config, "num_attention_heads", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        if heads is None or heads % p.tensor_parallel or kv_heads % p.tensor_parallel:
+            raise UserError(f"parallel.tensor_parallel={p.tensor_parallel} does not divide the model's "
+                            f"{heads} attention heads and {kv_heads} key-value heads",
+                            "choose a tensor_parallel that divides both")
+    if p.pipeline_stages > 1:
+        from toolkit.models.pipeline import plan_split
+
+        split = plan_split(config, p.pipeline_stages, p.pipeline_partition)
+        micro = t.grad_accum
+        layout["pipeline"] = {
+            "split": split.to_dict(), "partition": p.pipeline_partition, "micro_batches": micro,
+            # share of each step the stages sit idle while the pipeline fills and drains
+            "bubble_fraction": (p.pipeline_stages - 1) / (micro + p.pipeline_stages - 1),
+            "summary": str(split),
+        }
+    return layout
