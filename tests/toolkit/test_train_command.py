@@ -60,7 +60,7 @@ def test_lineage_names_data_audit_and_versions(default_run):
     assert run["data"]["train"]["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()
     assert run["audit"]["verdict"] == "pass" and run["audit"]["enforced"]
     assert run["versions"]["deepspeed"] and run["recipe_sha256"]
-    assert run["parallel"]["zero_stage"] == 2 and run["status"] == "completed"
+    assert run["parallel"]["zero_stage"] == 1 and run["status"] == "completed"
 
 
 def test_existing_run_is_not_overwritten(default_run):
