@@ -15,9 +15,10 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>",
 
 # Roles in plain words; the eos after each assistant turn is what a model learns to stop on.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
+    # the newline goes before a turn, not after it, so an assistant turn ends exactly at its EOS
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}assistant: {% endif %}"
 )
 
 

@@ -1,0 +1,220 @@
+"""Quantized export: nf4 / fp4 / int8 exports reload as the model that was saved, damage is caught,
+bad input exits 2 with one line, and export.json says what it claims."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from bitsandbytes.functional import _convert_weight_packed_for_cpu
+from transformers import AutoModelForCausalLM
+
+import toolkit
+from toolkit import inference, probe, quantize
+from toolkit.cli import main as cli_main
+from toolkit.errors import UserError
+from toolkit.export import MAX_STEP_RATIO, RELOAD_TOLERANCE, export
+from toolkit.rundir import sha256_file
+from toolkit.models.presets import build_preset
+from toolkit.probe import probe_ids, probe_logits, relative_error
+
+TEXT = "the quick brown fox jumps over the lazy dog. "
+EVAL_ROWS = [
+    {"prompt": "the quick brown ", "response": "fox jumps"},
+    {"prompt": "the lazy ", "response": "dog."},
+    {"prompt": "question: 2+2? ", "response": "four #### 4"},
+]
+
+
+def _trained(preset: str, folder: Path, steps: int = 8) -> Path:
+    """A tiny preset trained a few AdamW steps, so its weights are not just the initialisation."""
+    build_preset(preset, folder, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = inference.load(folder).tokenizer([TEXT * 3] * 2, return_tensors="pt")["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return _trained("tiny-llama", tmp_path_factory.mktemp("src") / "llama")
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "eval.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in EVAL_ROWS))
+    return path
+
+
+def _assert_faithful_export(out: Path, source_dir: Path, quant: str, double_quant: bool) -> dict:
+    """Checks every export must pass; returns its export.json."""
+    report = json.loads((out / "export.json").read_text())
+    check = report["verification"]
+    assert check["reload_vs_memory"] <= RELOAD_TOLERANCE
+    assert check["weights"]["max_step_ratio"] <= MAX_STEP_RATIO
+    assert report["files"] == {
+        p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "export.json"
+    }
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "scratch left behind"
+    # Loaded here, as a user would, the export has the asked-for layers and reproduces the
+    # in-memory model's distance from the source that the export measured.
+    reloaded = inference.load(out).model
+    layers = quantize.quantized_modules(reloaded).values()
+    assert layers and all("lm_head" not in name for name in quantize.quantized_modules(reloaded))
+    if quant == "int8":
+        assert all(isinstance(m, bnb.nn.Linear8bitLt) for m in layers)
+    else:
+        assert {(m.weight.quant_state.quant_type, m.weight.quant_state.nested) for m in layers} == {(quant, double_quant)}
+    source = inference.load(source_dir).model
+    ids = probe_ids(source.config.vocab_size, 32)
+    distance = relative_error(probe_logits(reloaded, ids), probe_logits(source, ids))
+    assert distance == pytest.approx(check["quantized_vs_source"], rel=1e-4)
+    assert 0 < distance < 0.5
+    return report
+
+
+# nf4 with double quantization, the default, is exported from GPT-2 and from a LoRA adapter below.
+@pytest.mark.parametrize(("quant", "double_quant"), [("nf4", False), ("fp4", True), ("fp4", False)])
+def test_4bit_export_reloads_as_the_saved_model(llama, eval_file, tmp_path, quant, double_quant):
+    result = export(llama, quant, tmp_path / "out", double_quant=double_quant, eval_data=eval_file)
+    report = _assert_faithful_export(result.out_dir, llama, quant, double_quant)
+    size, quality = report["size"], report["quality"]
+    assert size["quantized_weights_fp16_ratio"] <= 0.30
+    assert size["disk_ratio"] < 0.3 and size["memory_ratio"] < 0.3  # fp32 source
+    assert quality["before"]["examples"] == 3 and quality["before"]["answered"] == 3
+    assert abs(quality["loss_change"]) < 0.05
+    assert report["quantization"]["quantized_modules"] == 28  # 7 linear layers x 4 blocks
+    assert report["eval_data"]["sha256"] == sha256_file(eval_file)
+
+
+def test_int8_export_of_a_run_through_the_cli_records_lineage(llama, eval_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "audit").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"recipe_sha256": "abc", "data": {"train": {"sha256": "def"}}}))
+    (run / "audit" / "report.json").write_text(json.dumps({"verdict": "pass", "findings": []}))
+    os.symlink(llama, run / "final")
+
+    assert cli_main(["export", str(run), "--quant", "int8", "--eval-data", str(eval_file)]) == 0
+
+    report = _assert_faithful_export(run / "export-int8", llama, "int8", False)
+    assert report["quantization"]["double_quant"] is False
+    assert report["lineage"]["run_json_sha256"] == sha256_file(run / "run.json")
+    assert report["lineage"]["run"]["data"]["train"]["sha256"] == "def"
+    assert report["lineage"]["audit_verdict"] == "pass"
+    table = capsys.readouterr().out
+    assert "export-int8" in table and "eval loss" in table and "reload vs in-memory" in table
+
+
+def test_gpt2_export_keeps_tied_embeddings_and_conv1d_orientation(tmp_path):
+    source = _trained("tiny-gpt2", tmp_path / "gpt2", steps=4)
+    result = export(source, "nf4", tmp_path / "out")
+    _assert_faithful_export(result.out_dir, source, "nf4", True)
+    reloaded = AutoModelForCausalLM.from_pretrained(result.out_dir)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.transformer.wte.weight.data_ptr()
+
+
+def test_lora_adapter_is_merged_into_its_base_before_quantizing(llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(llama)
+    # Non-zero B, so the merge changes the weights (peft's default init makes LoRA a no-op).
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = tmp_path / "merged"
+    lora.merge_and_unload().save_pretrained(merged)
+    inference.load(llama).tokenizer.save_pretrained(merged)
+
+    result = export(tmp_path / "adapter", "nf4", tmp_path / "out")
+
+    assert result.report["lineage"]["kind"] == "adapter"
+    _assert_faithful_export(result.out_dir, merged, "nf4", True)
+
+
+def test_export_that_does_not_reload_identically_fails_and_leaves_nothing(llama, tmp_path, monkeypatch):
+    real = probe.reload_logits
+    monkeypatch.setattr(probe, "reload_logits", lambda *a, **k: real(*a, **k) * (1 + 1e-3))
+    with pytest.raises(UserError, match="does not reload as the model that was saved"):
+        export(llama, "nf4", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cpu_packed_layers_are_refused_and_their_damage_is_detected(llama, tmp_path, double_quant):
+    # What Linear4bit.forward does on a CPU with AVX512-BF16 (this test machine may lack it).
+    source = inference.load(llama).model
+    config = quantize.bnb_config("nf4", double_quant=double_quant, keep_fp=("lm_head",), compute_dtype="float32")
+    model = inference.load(llama, quantization_config=config).model
+    assert quantize.weight_errors(model, source).max_step_ratio <= MAX_STEP_RATIO
+    for layer in quantize.quantized_modules(model).values():
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+
+    with pytest.raises(RuntimeError, match="repacked by a CPU forward pass"):
+        quantize.save_quantized(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    model.state_dict()  # what save_pretrained runs: bitsandbytes' lossy in-place unpacking
+    assert quantize.weight_errors(model, source).max_step_ratio > 1.4 * MAX_STEP_RATIO
+
+
+def test_unknown_quant_type_and_int8_double_quant_are_user_errors(llama, tmp_path):
+    with pytest.raises(UserError, match="unknown quant type 'int4'"):
+        export(llama, "int4", tmp_path / "out")
+    with pytest.raises(UserError, match="double quantization applies to nf4 and fp4 only"):
+        export(llama, "int8", tmp_path / "out", double_quant=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_without_final_model_asks_to_consolidate(tmp_path):
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(UserError, match="run has no final/ model"):
+        export(tmp_path, "nf4", tmp_path / "out")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    package_root = str(Path(toolkit.__file__).absolute().parents[1])
+    env = {**os.environ, "PYTHONPATH": package_root}
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bert")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["export", "missing", "--quant", "nf4"], "missing: no such directory"),
+        (["export", "{bert}", "--quant", "nf4"], "BertForMaskedLM is not a causal language model"),
+        (["export", "{llama}", "--quant", "int4"], "invalid choice: 'int4'"),
+        (["export", "{llama}", "--quant", "nf4", "-o", "taken"], "taken already exists"),
+    ],
+)
+def test_bad_export_input_exits_2_with_one_line_and_writes_nothing(llama, bert_dir, tmp_path, args, message):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    args = [a.format(bert=bert_dir, llama=llama) for a in args]
+
+    done = _cli(*args, cwd=tmp_path)
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
