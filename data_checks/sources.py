@@ -1,0 +1,331 @@
+"""Load the sets to audit with ``datasets``, and turn their rows into the texts the checks compare.
+
+Each record has three views: ``full`` (everything the model trains on, parts joined by newlines),
+``prompt`` (what an eval or benchmark item asks: the prompt, the user turns, or the text) and
+``response`` (the response or assistant turns; none for plain text).
+
+A JSON-lines file that ``datasets`` cannot parse is read again line by line, so that a few bad rows
+become findings with their file and line instead of stopping the audit. Record indices are always
+the 0-based row number in the file (blank lines do not count, as in ``datasets``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from data_checks.errors import AuditInputError
+from data_checks.policy import DataSpec, Format, Role
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "csv",
+             ".parquet": "parquet", ".txt": "text"}
+_COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
+# The DataSpec attributes naming the fields each format reads.
+_FORMAT_FIELDS = {"text": ("text_field",), "instruction": ("prompt_field", "response_field"),
+                  "chat": ("messages_field",)}
+
+
+@dataclass
+class RowProblem:
+    """A row that could not be read as it is: ``kind`` is ``unreadable_row`` or ``invalid_utf8``."""
+
+    kind: str
+    file: str
+    line: int  # 1-based line in the file
+    row: int  # 0-based row number in the set, counting every non-blank line
+    detail: str
+
+
+@dataclass
+class Batch:
+    """Consecutive records of one set, in the three views (see the module docstring)."""
+
+    positions: np.ndarray  # positions in the loaded data set
+    full: list[str]
+    prompt: list[str]
+    response: list[str] | None
+    blanks: list[tuple[int, str, str]]  # (offset in batch, field, "missing" | "empty")
+
+
+@dataclass
+class Source:
+    """A loaded set: its role, its rows, and how to read them."""
+
+    name: str
+    role: Role
+    spec: DataSpec
+    format: Format
+    dataset: datasets.Dataset
+    files: list[Path]
+    rows: np.ndarray | None = None  # file row of each loaded row, when some rows were unreadable
+    problems: list[RowProblem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def total_rows(self) -> int:
+        """Rows in the files, readable or not."""
+        return len(self) + sum(p.kind == "unreadable_row" for p in self.problems)
+
+    def row_of(self, position: int) -> int:
+        """The 0-based file row of a loaded row."""
+        return int(self.rows[position]) if self.rows is not None else int(position)
+
+    def fields(self) -> list[str]:
+        """The fields this set's format reads."""
+        return [getattr(self.spec, attr) for attr in _FORMAT_FIELDS[self.format]]
+
+    def texts(self, positions: np.ndarray, view: str = "full") -> list[str]:
+        """The ``full``, ``prompt`` or ``response`` texts of the loaded rows at ``positions``."""
+        if len(positions) == 0:
+            return []
+        return [t for batch in self.batches(len(positions), np.asarray(positions))
+                for t in (getattr(batch, view) or [])]
+
+    def batches(self, size: int, positions: np.ndarray | None = None) -> Iterator[Batch]:
+        """Yield the records (all, or those at ``positions``) in batches of ``size``."""
+        table = self.dataset.select_columns(self.fields())
+        if positions is None:
+            for start in range(0, len(table), size):
+                yield self._views(np.arange(start, min(start + size, len(table))),
+                                  table[start:start + size])
+        else:
+            for start in range(0, len(positions), size):
+                chunk = positions[start:start + size]
+                yield self._views(chunk, table[chunk.tolist()])
+
+    def _views(self, positions: np.ndarray, columns: dict) -> Batch:
+        blanks: list[tuple[int, str, str]] = []
+
+        def texts(name: str) -> list[str]:
+            values = ["" if v is None else v if isinstance(v, str) else str(v) for v in columns[name]]
+            blanks.extend((i, name, "missing" if columns[name][i] is None else "empty")
+                          for i, v in enumerate(values) if not v or v.isspace())
+            return values
+
+        if self.format == "text":
+            full = texts(self.spec.text_field)
+            return Batch(positions, full, full, None, blanks)
+        if self.format == "instruction":
+            prompt, response = texts(self.spec.prompt_field), texts(self.spec.response_field)
+            full = [f"{p}\n{r}" for p, r in zip(prompt, response)]
+            return Batch(positions, full, prompt, response, blanks)
+        prompt, response, full = [], [], []
+        for i, messages in enumerate(columns[self.spec.messages_field]):
+            if not isinstance(messages, list) or not messages:
+                blanks.append((i, self.spec.messages_field, "missing" if messages is None else "empty"))
+                messages = []
+            turns = [(m.get("role"), str(m.get("content") or "")) for m in messages if isinstance(m, dict)]
+            prompt.append("\n".join(c for r, c in turns if r != "assistant"))
+            response.append("\n".join(c for r, c in turns if r == "assistant"))
+            full.append("\n".join(c for _, c in turns))
+        return Batch(positions, full, prompt, response, blanks)
+
+
+def load_source(spec: DataSpec, role: Role, name: str) -> Source:
+    """Load one set and check that its fields are there.
+
+    Args:
+        spec: Where the set is and which fields hold its text.
+        role: ``train``, ``eval`` or ``benchmark``.
+        name: Its split name in the report.
+
+    Returns:
+        The loaded set.
+
+    Raises:
+        AuditInputError: The path does not exist, a file cannot be parsed at all, the set is empty,
+            or the fields its format needs are absent.
+    """
+    if not Path(spec.path).expanduser().exists() and _looks_like_hub_id(spec.path):
+        return _checked(Source(name, role, spec, "text", _load_hub(spec, role), []))
+    files = data_files(spec.path, role)
+    builders = {_builder(p) for p in files}
+    if len(builders) != 1 or None in builders:
+        raise AuditInputError(f"{role} data {spec.path}: cannot read {files[0].name!r} and the files "
+                              "beside it as one set: use one format (JSONL, JSON, CSV, TSV, Parquet, TXT)")
+    dataset, rows, problems = _load_files(files, builders.pop(), role)
+    return _checked(Source(name, role, spec, "text", dataset, files, rows, problems))
+
+
+def data_files(path: str, role: str) -> list[Path]:
+    """The data files of a local path: the file itself, or the data files in a folder.
+
+    Raises:
+        AuditInputError: The path does not exist, or the folder holds no data file.
+    """
+    local = Path(path).expanduser()
+    if local.is_file():
+        return [local]
+    if not local.is_dir():
+        raise AuditInputError(f"{role} data {path} does not exist: pass an existing file (JSONL, JSON, CSV, "
+                              "TSV, Parquet, TXT), a folder of them, or a hub id")
+    files = sorted(p for p in local.iterdir() if p.is_file() and _builder(p))
+    if not files:
+        raise AuditInputError(f"{role} data folder {path} holds no data file: put JSONL, JSON, CSV, TSV, "
+                              "Parquet or TXT files in it, or pass one file")
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def count_rows(path: Path) -> int:
+    """Records in one data file, readable or not (non-blank lines for JSON lines)."""
+    if _builder(path) == "json" and not _is_json_document(path):
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return len(_load_files([path], _builder(path), "manifest")[0])
+
+
+def _builder(path: Path) -> str | None:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    head = path.split(":", 1)[0]
+    return head.count("/") == 1 and not head.startswith((".", "/", "~")) and _builder(Path(head)) is None
+
+
+def _load_hub(spec: DataSpec, role: Role) -> datasets.Dataset:
+    repo, _, split = spec.path.partition(":")
+    try:
+        return datasets.load_dataset(repo, split=split or "train")
+    except Exception as err:  # offline, unknown id, unknown split: all unusable input here
+        raise AuditInputError(f"{role} data {spec.path} is not a local file or folder, and loading it "
+                              f"from the hub failed ({type(err).__name__}: {_one_line(err)}): pass a "
+                              "local path, or check the id and your network") from None
+
+
+def _load_files(files: list[Path], builder: str, role: str):
+    kwargs = {"sep": "\t"} if files[0].suffix.lower() == ".tsv" else {}
+    try:
+        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+        return dataset, None, []
+    except Exception as err:  # datasets wraps parser errors in several types
+        if builder != "json":
+            raise AuditInputError(f"{role} data {files[0]}: cannot be read as {builder.upper()} "
+                                  f"({_one_line(err)}): fix the file or convert it to JSONL") from None
+    return _read_json_lines(files, role)
+
+
+def _read_json_lines(files: list[Path], role: str):
+    """Parse JSON files line by line, keeping the good rows and noting the bad ones."""
+    records, rows, problems = [], [], []
+    row = 0
+    for path in files:
+        if _is_json_document(path):
+            for value in _read_json_document(path, role):
+                records.append(value)
+                rows.append(row)
+                row += 1
+            continue
+        with open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    problems.append(RowProblem("invalid_utf8", str(path), line_no, row,
+                                               f"invalid UTF-8 at byte {err.start} of the line"))
+                    line = raw.decode("utf-8", errors="replace")
+                try:
+                    value = json.loads(line)
+                    if not isinstance(value, dict):
+                        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+                except ValueError as err:
+                    problems.append(RowProblem("unreadable_row", str(path), line_no, row, _one_line(err)))
+                else:
+                    records.append(value)
+                    rows.append(row)
+                row += 1
+    if not records:
+        first = problems[0] if problems else None
+        where = f"{first.file} line {first.line}: {first.detail}" if first else f"{files[0]}: no rows"
+        raise AuditInputError(f"{role} data has no readable JSON row ({where}): write one JSON object "
+                              "per line (JSONL), or a JSON array of objects")
+    try:
+        dataset = datasets.Dataset.from_list(records)
+    except Exception as err:  # pyarrow cannot unify the rows' types
+        raise AuditInputError(f"{role} data {files[0]}: rows disagree on field types ({_one_line(err)}): "
+                              "give each field one type in every row") from None
+    return dataset, np.asarray(rows, dtype=np.int64), problems
+
+
+def _is_json_document(path: Path) -> bool:
+    """True for a JSON file holding one document (an array), not one object per line."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _read_json_document(path: Path, role: str) -> list[dict]:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise AuditInputError(f"{role} data {path}: invalid UTF-8 at byte {err.start}: save the file as "
+                              "UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise AuditInputError(f"{role} data {path} line {err.lineno} column {err.colno}: {err.msg}: fix "
+                              "the JSON there") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise AuditInputError(f"{role} data {path}: expected a JSON array of objects: write one object "
+                              "per record")
+    return value
+
+
+def _checked(source: Source) -> Source:
+    """Resolve the set's format and check that its fields are present."""
+    columns = source.dataset.column_names
+    spec = source.spec
+    where = f"{source.role} data {spec.path}"
+    if len(source.dataset) == 0:
+        raise AuditInputError(f"{where} has no records: pass a file with at least one record")
+    format_ = spec.format or _detect_format(spec, columns)
+    if format_ is None:
+        raise AuditInputError(
+            f"{where}: cannot tell its format from its fields ({', '.join(columns)}): pass --format and "
+            "the field names (--text-field, or --prompt-field and --response-field, or --messages-field)")
+    source.format = format_
+    for attr in _FORMAT_FIELDS[format_]:
+        if getattr(spec, attr) not in columns:
+            raise AuditInputError(
+                f"{where}: field {getattr(spec, attr)!r} not found; fields present: {', '.join(columns)}: "
+                f"choose the field with --{attr.replace('_', '-')} (recipe: data.{attr})")
+    return source
+
+
+def _detect_format(spec: DataSpec, columns: list[str]) -> Format | None:
+    chosen = spec.model_fields_set  # a field the user named says which format they mean
+    for format_, attrs in _FORMAT_FIELDS.items():
+        if chosen & set(attrs):
+            return format_
+    if spec.messages_field in columns:
+        return "chat"
+    if spec.prompt_field in columns and spec.response_field in columns:
+        return "instruction"
+    if spec.text_field in columns:
+        return "text"
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
