@@ -44,6 +44,12 @@ def describe(recipe: Recipe, config) -> dict:
             raise UserError(f"parallel.tensor_parallel={p.tensor_parallel} does not divide the model's "
                             f"{heads} attention heads and {kv_heads} key-value heads",
                             "choose a tensor_parallel that divides both")
+        if getattr(config, "tie_word_embeddings", False):
+            # AutoTP then splits the LM head over the vocabulary and each rank sees half the
+            # logits; a loss over them would be wrong, and dstk does not gather them yet
+            raise UserError("parallel.tensor_parallel > 1 is not supported for models with tied input/output "
+                            "embeddings (DeepSpeed AutoTP shards their LM head over the vocabulary)",
+                            "use ZeRO or parallel.pipeline_stages for this model")
     if p.pipeline_stages > 1:
         from toolkit.models.pipeline import plan_split
 

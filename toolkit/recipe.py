@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import sys
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -314,8 +315,9 @@ def schema_markdown() -> str:
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
-            sub = next((c for c in (field.annotation, *getattr(field.annotation, "__args__", ()))
-                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            sub = None if typing.get_origin(field.annotation) is list else next(
+                (c for c in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                 if isinstance(c, type) and issubclass(c, BaseModel)), None)
             if sub is not None:
                 walk(sub, f"{prefix}{name}.")
                 continue

@@ -1,4 +1,5 @@
-"""`deepspeed launch/train.py --recipe R` runs a recipe directly: ZeRO-3, bf16, clean exit."""
+"""`deepspeed launch/train.py --recipe R` runs a recipe directly: ZeRO-3, bf16, clean exit, and
+its final/ exports to a verified int8 model."""
 
 import json
 import os
@@ -27,3 +28,8 @@ def test_launch_script_trains_zero3_bf16_and_every_rank_exits_cleanly(tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 4 and all(l == l and l > 0 for l in losses)  # finite, logged every step
+
+    exported = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", str(out), "--quant", "int8",
+                               "-o", str(tmp_path / "int8")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "int8" / "export.json").is_file()

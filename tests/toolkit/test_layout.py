@@ -32,3 +32,8 @@ def test_tensor_parallel_must_divide_key_value_heads():
     # tiny-mistral has 4 attention heads but 2 key-value heads
     with pytest.raises(UserError, match="2 key-value heads"):
         _describe("model=tiny-mistral", "parallel.nproc=4", "parallel.tensor_parallel=4", "parallel.zero_stage=1")
+
+
+def test_tensor_parallel_with_tied_embeddings_is_refused():
+    with pytest.raises(UserError, match="tied input/output embeddings"):
+        _describe("model=tiny-qwen2", "parallel.tensor_parallel=2", "parallel.zero_stage=1")

@@ -106,3 +106,13 @@ def test_misspelt_deepspeed_key_is_refused(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(UserError, match="did you mean `zero_optimization`"):
         ds_config.build(load_recipe("tiny", [f"parallel.ds_config={path}"]))
+
+
+def test_readme_documents_every_recipe_key():
+    from pathlib import Path
+
+    from toolkit.recipe import schema_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for row in schema_markdown().splitlines()[2:]:
+        assert row.split("|")[1].strip() in readme, row

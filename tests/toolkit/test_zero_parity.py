@@ -5,6 +5,9 @@ pipeline or 2-way tensor parallelism (1 data-parallel rank, 2 micro-batches) all
 global batches, so their per-step losses must agree.
 """
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +43,13 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("layouts")
-    return run_deepspeed(WORKER, out, *_layouts(TWO_RANK_LAYOUTS), *COMMON, nproc=2, timeout=900)
+def layouts_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(layouts_dir):
+    return run_deepspeed(WORKER, layouts_dir, *_layouts(TWO_RANK_LAYOUTS), *COMMON, nproc=2, timeout=900)
 
 
 def _reference_for(name):
@@ -80,3 +87,12 @@ def test_each_rank_holds_about_half_the_model(two_ranks, layout):
         # small parameters (norms, biases) stay whole on every rank
         assert 0.35 * full < rank[layout]["local_numel"] < 0.65 * full
     assert two_ranks[0]["zero3"]["partitioned"] and not two_ranks[0]["zero0"]["partitioned"]
+
+
+def test_pipeline_run_exports_to_a_verified_nf4_model(two_ranks, layouts_dir):
+    run = layouts_dir / "pipe2_tied"
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", str(run), "--quant", "nf4",
+                           "-o", str(run / "nf4")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "nf4" / "export.json").read_text())
+    assert report["lineage"]["run"]["audit"]["verdict"] == "pass"
