@@ -74,3 +74,67 @@ def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> P
         engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def consolidate_newest(root: Path) -> Path:
+    """Consolidate a run's newest checkpoint, offline in one process, to ``consolidated/TAG``.
+
+    For a run that has checkpoints but no ``final/`` (stopped early, or still running): ZeRO 1-3
+    through DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights), ZeRO-0 from the model
+    states file, a pipeline from its per-layer files. Written aside and renamed into place.
+
+    Raises:
+        UserError: the run has no checkpoint, or it is an AutoTP checkpoint (its slices are only
+            gathered by the live engine, into ``final/``).
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from toolkit.errors import UserError
+    from toolkit.models.loading import load_tokenizer
+    from toolkit.rundir import RunDir
+
+    run = RunDir(Path(root))
+    latest = run.checkpoints / "latest"
+    if not latest.is_file():
+        raise UserError(f"{root}: the run has neither final/ nor a checkpoint", "train it (train.save_steps) first")
+    name = latest.read_text().strip()
+    out = run.root / "consolidated" / name
+    if (out / "config.json").is_file():
+        return out
+    info = run.read_run()
+    if info["parallel"].get("tensor_parallel", 1) > 1:
+        raise UserError(f"{root}: AutoTP checkpoints are not consolidated offline",
+                        "let the run finish: its final/ is gathered by the live engine")
+    model_path = info["model"]["path"]
+    config = AutoConfig.from_pretrained(model_path)
+    staging = out.with_name(f".{name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    folder = run.checkpoints / name
+    if any(folder.glob("layer_*-model_states.pt")):
+        from toolkit.models.pipeline import consolidate as consolidate_pipeline
+
+        consolidate_pipeline(run.checkpoints, config, staging, tag=name)
+    else:
+        if info["parallel"]["zero_stage"] == 0:
+            # DeepSpeed's own file, written by this run (weights_only: tensors and plain values only)
+            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        model.tie_weights()
+        params = model.state_dict()
+        loaded = {params[key].data_ptr() for key in params if key not in missing}
+        tied = {key for key in missing if params[key].data_ptr() in loaded}  # e.g. lm_head = embeddings
+        if unexpected or set(missing) - tied:
+            raise UserError(f"{folder}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]})", "was the run's model replaced?")
+        model.save_pretrained(staging, safe_serialization=True)
+    load_tokenizer(model_path).save_pretrained(staging)
+    staging.replace(out)
+    return out

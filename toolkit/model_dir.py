@@ -47,8 +47,8 @@ def resolve(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource
         The resolved :class:`ModelSource`.
 
     Raises:
-        UserError: the path is missing, is not a model, is not a causal LM, or is a run without
-            a consolidated ``final/`` model.
+        UserError: the path is missing, is not a model, is not a causal LM, or is a run with
+            neither ``final/`` nor a checkpoint.
     """
     path = Path(path)
     if not path.is_dir():
@@ -56,11 +56,10 @@ def resolve(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource
     run_dir = None
     if RunDir(path).run_json.is_file():
         run_dir, final = path, RunDir(path).final
-        if not final.is_dir():
-            raise UserError(
-                f"{path}: run has no final/ model",
-                "consolidate its newest checkpoint first, or wait for the run to finish",
-            )
+        if not final.is_dir():  # stopped early or still running: its newest checkpoint, consolidated
+            from toolkit.checkpoint import consolidate_newest
+
+            final = consolidate_newest(path)
         path = final
     if (path / ADAPTER_FILE).is_file():
         base = _adapter_base(path)

@@ -6,6 +6,7 @@ global batches, so their per-step losses must agree.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,19 @@ TWO_RANK_LAYOUTS = {
     "zero1": "parallel.zero_stage=1,train.grad_accum=1",
     "zero2": "parallel.zero_stage=2,train.grad_accum=1",
     "zero3": "parallel.zero_stage=3,train.grad_accum=1",
-    "pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2,train.grad_accum=2",
+    "pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2,train.grad_accum=2,train.save_steps=3",
     "pipe2_tied": "model=tiny-qwen2,parallel.zero_stage=1,parallel.pipeline_stages=2,train.grad_accum=2",
     "tp2": "parallel.zero_stage=1,parallel.tensor_parallel=2,train.grad_accum=2",
+    # AutoTP on the other untied families (tied ones are refused, see test_layout)
+    "tp2_mistral": "model=tiny-mistral,parallel.zero_stage=0,parallel.tensor_parallel=2,train.grad_accum=2",
+    "tp2_gpt-neox": "model=tiny-gpt-neox,parallel.zero_stage=0,parallel.tensor_parallel=2,train.grad_accum=2",
+    "tp2_phi": "model=tiny-phi,parallel.zero_stage=0,parallel.tensor_parallel=2,train.grad_accum=2",
 }
 REFERENCES = {"single": "parallel.zero_stage=0,train.grad_accum=2",
-              "single_tied": "model=tiny-qwen2,parallel.zero_stage=0,train.grad_accum=2"}
+              "single_tied": "model=tiny-qwen2,parallel.zero_stage=0,train.grad_accum=2",
+              "single_mistral": "model=tiny-mistral,parallel.zero_stage=0,train.grad_accum=2",
+              "single_gpt-neox": "model=tiny-gpt-neox,parallel.zero_stage=0,train.grad_accum=2",
+              "single_phi": "model=tiny-phi,parallel.zero_stage=0,train.grad_accum=2"}
 
 
 def _layouts(mapping):
@@ -49,11 +57,13 @@ def layouts_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(layouts_dir):
-    return run_deepspeed(WORKER, layouts_dir, *_layouts(TWO_RANK_LAYOUTS), *COMMON, nproc=2, timeout=900)
+    return run_deepspeed(WORKER, layouts_dir, *_layouts(TWO_RANK_LAYOUTS), "--resume", "pipe2:3", *COMMON,
+                         nproc=2, timeout=1200)
 
 
 def _reference_for(name):
-    return "single_tied" if name.endswith("_tied") else "single"
+    family = name.rpartition("_")[2] if "_" in name else ""
+    return f"single_{family}" if f"single_{family}" in REFERENCES else "single"
 
 
 @pytest.mark.parametrize("layout", list(TWO_RANK_LAYOUTS))
@@ -71,7 +81,13 @@ def test_final_reloads_to_the_same_model_as_single_rank(reference, two_ranks, la
     assert ((mine - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("layout", ["zero0", "zero3", "tp2"])
+def test_pipeline_run_resumes_from_its_own_checkpoint(two_ranks):
+    """Rolled back to step 3 and resumed, steps 4-5 repeat the uninterrupted run's losses."""
+    for rank in two_ranks:
+        assert rank["pipe2"]["resumed_losses"] == pytest.approx(rank["pipe2"]["losses"][3:], rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["zero0", "zero3", "tp2", "tp2_mistral", "tp2_gpt-neox", "tp2_phi"])
 def test_final_reloads_to_trained_engine_logits(two_ranks, layout):
     assert two_ranks[0][layout]["final_vs_engine"] < 1e-5
 
@@ -96,3 +112,20 @@ def test_pipeline_run_exports_to_a_verified_nf4_model(two_ranks, layouts_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "nf4" / "export.json").read_text())
     assert report["lineage"]["run"]["audit"]["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero3", "pipe2_tied"])
+def test_newest_checkpoint_consolidates_offline_to_the_same_model(two_ranks, layouts_dir, layout, tmp_path):
+    """A run without final/ (stopped early) exports from its newest checkpoint instead."""
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.checkpoint import consolidate_newest
+
+    run = tmp_path / layout
+    shutil.copytree(layouts_dir / layout, run, ignore=shutil.ignore_patterns("final", "nf4"))
+    folder = consolidate_newest(run)
+    probe = torch.arange(24).view(2, 12) * 7 % 90 + 5
+    with torch.no_grad():
+        offline = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=probe).logits
+    expected = torch.tensor(two_ranks[0][layout]["final_logits"])
+    assert ((offline - expected).abs().max() / expected.abs().max()).item() < 1e-5

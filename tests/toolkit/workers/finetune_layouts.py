@@ -21,6 +21,8 @@ PROBE = torch.arange(24).view(2, 12) * 7 % 90 + 5  # token ids inside the tiny v
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--layout", action="append", default=[], help="NAME=override,override")
+parser.add_argument("--resume", action="append", default=[],
+                    help="LAYOUT:STEP: rerun LAYOUT from its checkpoint of STEP with resume=auto")
 parser.add_argument("--local_rank", type=int)  # passed by the launcher
 args, common = parser.parse_known_args()
 
@@ -61,4 +63,28 @@ for spec in args.layout:
     results[name] = entry
     del result, params
     gc.collect()
+
+def rerun_from(name: str, step: int) -> list[float]:
+    """Roll a finished run back to its checkpoint of ``step`` and let resume=auto finish it again."""
+    import shutil
+    from pathlib import Path
+
+    overrides = dict(spec.partition("=")[::2] for spec in args.layout)[name]
+    run = Path(args.out) / name
+    again = Path(args.out) / f"{name}_resumed"
+    if dist.get_rank() == 0:
+        shutil.copytree(run, again, ignore=shutil.ignore_patterns("final"))
+        for folder in (again / "checkpoints").glob("step_*"):
+            if int(folder.name.removeprefix("step_")) > step:
+                shutil.rmtree(folder)
+        (again / "checkpoints" / "latest").write_text(f"step_{step:06d}")
+    dist.barrier()
+    result = finetune(None, [f"output_dir={again}", f"parallel.nproc={dist.get_world_size()}", "resume=auto",
+                             *common, *filter(None, overrides.split(","))])
+    return result.losses
+
+
+for spec in args.resume:
+    name, _, step = spec.partition(":")
+    results[name]["resumed_losses"] = rerun_from(name, int(step))
 write_result(results)
