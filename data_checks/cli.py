@@ -128,7 +128,8 @@ def _from_recipe(args: argparse.Namespace):
     if args.recipe.lower().endswith(_DATA_SUFFIXES):
         raise AuditInputError(f"{args.recipe} looks like a data file, not a recipe: pass it as --train "
                               f"{args.recipe}")
-    from toolkit.errors import UserError  # toolkit is imported only for recipes
+    from toolkit.data.builtin import materialize  # toolkit is imported only for recipes
+    from toolkit.errors import UserError
     from toolkit.recipe import load_recipe
 
     try:
@@ -138,21 +139,10 @@ def _from_recipe(args: argparse.Namespace):
     data = recipe.data
     fields = {name: getattr(data, name, None) for name in
               ("format", "text_field", "prompt_field", "response_field", "messages_field")}
-    train = _spec(args, _data_location(data.train, "train"), None, **fields)
-    eval_path = args.eval or (_data_location(data.eval, "eval") if data.eval else None)
+    train = _spec(args, materialize(data.train, "train"), None, **fields)
+    eval_path = args.eval or (materialize(data.eval, "eval") if data.eval else None)
     eval_ = _spec(args, eval_path, None, **fields) if eval_path else None
     return train, eval_, recipe.audit, recipe.train.seq_len, Path(recipe.output_dir) / "audit"
-
-
-def _data_location(location: str, split: str) -> str:
-    """A recipe's data location, with ``builtin:NAME`` generated into its cache as dstk train does."""
-    from toolkit.recipe import BUILTIN_PREFIX
-
-    if not location.startswith(BUILTIN_PREFIX):
-        return location
-    from toolkit.data import builtin
-
-    return str(builtin.generate(location[len(BUILTIN_PREFIX):], split, builtin.cache_dir(), seed=0))
 
 
 if __name__ == "__main__":

@@ -139,8 +139,8 @@ def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
 def _resolve_data(recipe: Recipe, split: str) -> dict:
     location = getattr(recipe.data, split)
     if location.startswith(BUILTIN_PREFIX):
-        path = builtin.generate(location[len(BUILTIN_PREFIX):], split, builtin.cache_dir(), seed=0)
-        return {"source": location, "path": str(path), "sha256": sha256_file(path)}
+        path = builtin.materialize(location, split)
+        return {"source": location, "path": path, "sha256": sha256_file(Path(path))}
     path = Path(location)
     if path.is_file():
         return {"source": location, "path": str(path.resolve()), "sha256": sha256_file(path)}

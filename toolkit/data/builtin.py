@@ -53,6 +53,18 @@ def generate(task: str, split: str, folder: Path, seed: int = 0) -> Path:
     return path
 
 
+def materialize(location: str, split: str) -> str:
+    """``builtin:NAME`` generated into the cache (its file's path); any other location as given.
+
+    The one place a recipe's data location is resolved, for the training gate and `dstk audit`.
+    """
+    from toolkit.recipe import BUILTIN_PREFIX
+
+    if not location.startswith(BUILTIN_PREFIX):
+        return location
+    return str(generate(location[len(BUILTIN_PREFIX):], split, cache_dir(), seed=0))
+
+
 def cache_dir() -> Path:
     """Where generated sets live before a run copies them: ``$DSTK_CACHE`` or ~/.cache/dstk."""
     return Path(os.environ.get("DSTK_CACHE", Path.home() / ".cache" / "dstk")) / "data"

@@ -20,27 +20,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class ModelRef:
     """Where a recipe's ``model`` comes from: ``kind`` is preset, local or hub."""
 
     kind: str
     name: str
 
 
-def resolve_model(spec: str) -> ModelSource:
+def resolve_model(spec: str) -> ModelRef:
     """Classify ``spec`` without loading it, failing early on a preset or path that cannot exist."""
     if spec in PRESETS:
-        return ModelSource("preset", spec)
+        return ModelRef("preset", spec)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {path} has no config.json",
                             "point `model` at a directory saved with save_pretrained")
-        return ModelSource("local", str(path))
+        return ModelRef("local", str(path))
     if spec.startswith(("tiny-", ".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model {spec!r} is neither a built-in preset nor an existing directory",
                         f"presets: {', '.join(PRESETS)}")
-    return ModelSource("hub", spec)
+    return ModelRef("hub", spec)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
