@@ -20,9 +20,20 @@ def tag(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def _frozen_base(engine) -> bool:
+    from toolkit.models.lora import is_adapted
+
+    return is_adapted(engine.module)
+
+
 def save(engine, folder: Path, step: int) -> Path:
-    """Save a DeepSpeed checkpoint of ``step`` (a collective call on every rank)."""
-    engine.save_checkpoint(str(folder), tag=tag(step), client_state={"step": step})
+    """Save a DeepSpeed checkpoint of ``step`` (a collective call on every rank).
+
+    A LoRA run saves its adapters and their optimizer state only: the frozen base is the model
+    the run started from, reloaded from there on resume.
+    """
+    engine.save_checkpoint(str(folder), tag=tag(step), client_state={"step": step},
+                           exclude_frozen_parameters=_frozen_base(engine))
     return folder / tag(step)
 
 
@@ -34,7 +45,7 @@ def resume(engine, folder: Path) -> int:
     """
     if not (folder / "latest").is_file():
         return 0
-    path, client_state = engine.load_checkpoint(str(folder))
+    path, client_state = engine.load_checkpoint(str(folder), load_module_strict=not _frozen_base(engine))
     if path is None:
         return 0
     step = int(client_state["step"])
@@ -44,7 +55,8 @@ def resume(engine, folder: Path) -> int:
 
 
 def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> Path | None:
-    """Write the engine's model to ``out`` as a Hugging Face model, tied weights kept tied.
+    """Write the engine's model to ``out`` as a Hugging Face model (tied weights kept tied), or a
+    LoRA run's adapter in peft format.
 
     Every rank must call this, after :func:`save` of ``step`` into ``checkpoints``; rank 0 writes
     and returns the folder, the others return None. ZeRO-3 shards and AutoTP slices are gathered
@@ -54,9 +66,14 @@ def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> P
     """
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
+    from toolkit.models import lora
+
+    adapted = lora.is_adapted(engine.module)
     if isinstance(engine, PipelineEngine):
         state = None
         dist.barrier()  # every stage's layer files are on disk
+    elif adapted:
+        state = lora.trainable_state(engine.module)
     elif engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     elif engine.autotp_size() > 1:
@@ -70,6 +87,8 @@ def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> P
         from toolkit.models.pipeline import consolidate as consolidate_pipeline
 
         consolidate_pipeline(checkpoints, engine.module.hf_config, out, tag=tag(step))
+    elif adapted:
+        lora.save_adapter(engine.module, state, out)
     else:
         engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -105,6 +124,9 @@ def consolidate_newest(root: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     info = run.read_run()
+    if info.get("lora"):
+        raise UserError(f"{root}: a LoRA run's checkpoints hold its adapters only",
+                        "let the run finish: its final/ is the adapter, which export merges into the base")
     if info["parallel"].get("tensor_parallel", 1) > 1:
         raise UserError(f"{root}: AutoTP checkpoints are not consolidated offline",
                         "let the run finish: its final/ is gathered by the live engine")

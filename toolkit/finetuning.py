@@ -39,6 +39,8 @@ def _quiet_libraries() -> None:
 
     # DeepSpeed still calls collectives torch has renamed; the warning is not the user's to act on
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # peft asks about gradient checkpointing under transformers' old name
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -117,7 +119,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     from toolkit import checkpoint
     from toolkit.data import GlobalBatches, encode_set
     from toolkit.engine import PipelineTrainer, Trainer
-    from toolkit.metrics import MetricsLogger
+    from toolkit.metrics import MetricsLogger, peak_rss_mb_per_rank
     from toolkit.models import build_model, load_tokenizer
 
     if not isinstance(recipe, Recipe):
@@ -135,6 +137,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     torch.manual_seed(t.seed)
     model_path = run["model"]["path"]
     tokenizer = load_tokenizer(model_path, recipe.trust_remote_code)
+    rss_before_model = peak_rss_mb_per_rank()  # what the model, its gradients and optimizer add to
     model, _zero3_handle = build_model(recipe, model_path, ds_config)
 
     def encoded(split: str, limit: int | None = None):
@@ -145,6 +148,10 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds_config)
+    params = parameter_counts(engine.module)
+    if rank == 0:
+        print(f"dstk: training {params['trainable']:,} of {params['total']:,} parameters "
+              f"({params['trainable'] / params['total']:.2%})", flush=True)
     pipeline = recipe.parallel.pipeline_stages > 1
     dp_rank = _data_parallel_rank(engine, recipe)
     batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, recipe.data_parallel, dp_rank, t.seed)
@@ -166,23 +173,43 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
         lines.append(logger.log_eval(t.max_steps, eval_after))
     checkpoint.save(engine, run_dir.checkpoints, t.max_steps)
     checkpoint.consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, t.max_steps)
+    if recipe.lora.merge and rank == 0:
+        from toolkit.models.lora import merge
+
+        tokenizer.save_pretrained(merge(run_dir.final, run_dir.final / "merged"))
+    peak_rss = peak_rss_mb_per_rank()
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],
         eval_before=None if eval_before is None else vars(eval_before),
         eval_after=None if eval_after is None else vars(eval_after), engine=engine)
     if rank == 0:
-        _record_result(run_dir, result)
+        _record_result(run_dir, result, params, {"peak_rss_mb_per_rank": peak_rss,
+                                                 "rss_before_model_mb_per_rank": rss_before_model})
     dist.barrier()
     return result
 
 
-def _record_result(run_dir: RunDir, result: FinetuneResult) -> None:
+def parameter_counts(module) -> dict[str, int]:
+    """Trainable and total parameters of ``module`` (ZeRO-3 shards and 4-bit weights at full size).
+
+    A pipeline rank counts its own stage only.
+    """
+    counts = {"trainable": 0, "total": 0}
+    for p in module.parameters():
+        quantized = getattr(p, "quant_state", None)  # bitsandbytes packs two 4-bit values a byte
+        n = quantized.shape.numel() if quantized is not None else getattr(p, "ds_numel", p.numel())
+        counts["total"] += n
+        counts["trainable"] += n if p.requires_grad else 0
+    return counts
+
+
+def _record_result(run_dir: RunDir, result: FinetuneResult, params: dict, memory: dict) -> None:
     run = run_dir.read_run()
     run["status"] = "completed"
     run["result"] = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
                      "eval_before": result.eval_before, "eval_after": result.eval_after,
-                     "final": str(result.final_dir)}
+                     "final": str(result.final_dir), "parameters": params, **memory}
     lineage = {key: run[key] for key in ("recipe_sha256", "data", "audit", "model")}
     (run_dir.final / "dstk_lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     run_dir.write_run(run)

@@ -30,8 +30,9 @@ def describe(recipe: Recipe, config) -> dict:
     """Check the layout against ``config``; return its description for run.json.
 
     Raises:
-        UserError: tensor parallelism wider than the attention heads allow, or a model the
-            pipeline converter does not support or cannot split into that many stages.
+        UserError: tensor parallelism wider than the attention heads allow, a model the
+            pipeline converter does not support or cannot split into that many stages, or LoRA
+            target modules the model does not have.
     """
     p, t = recipe.parallel, recipe.train
     layout = {"nproc": p.nproc, "data_parallel": recipe.data_parallel,
@@ -50,6 +51,10 @@ def describe(recipe: Recipe, config) -> dict:
             raise UserError("parallel.tensor_parallel > 1 is not supported for models with tied input/output "
                             "embeddings (DeepSpeed AutoTP shards their LM head over the vocabulary)",
                             "use ZeRO or parallel.pipeline_stages for this model")
+    if recipe.lora.enabled:
+        from toolkit.models.lora import check_targets
+
+        check_targets(config, recipe.lora)
     if p.pipeline_stages > 1:
         from toolkit.models.pipeline import plan_split
 

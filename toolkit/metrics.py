@@ -17,11 +17,22 @@ import torch
 import torch.distributed as dist
 
 
+def _own_peak_rss_mb() -> torch.Tensor:
+    return torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # KiB -> MiB
+
+
 def peak_rss_mb() -> float:
     """Largest resident memory of any rank so far, in MiB (a collective call)."""
-    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # KiB -> MiB
+    mine = _own_peak_rss_mb()
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
     return round(mine.item(), 1)
+
+
+def peak_rss_mb_per_rank() -> list[float]:
+    """Each rank's largest resident memory so far, in MiB, by rank (a collective call)."""
+    every = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, _own_peak_rss_mb())
+    return [round(t.item(), 1) for t in every]
 
 
 class MetricsLogger:

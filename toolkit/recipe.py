@@ -132,6 +132,31 @@ class TrainConfig(_Strict):
     log_steps: int = Field(10, ge=1, description="Write a metrics line (and sync the loss) every N steps.")
 
 
+class LoraConfig(_Strict):
+    enabled: bool = Field(
+        False, description="Train LoRA adapters (peft) instead of every weight; the base stays frozen."
+    )
+    r: int = Field(8, ge=1, description="Rank of each adapter's update.")
+    alpha: float = Field(16.0, gt=0, description="Scale of the update: it is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on each adapter's input.")
+    target_modules: list[str] | str | None = Field(
+        None,
+        description="Modules that get adapters: a list of names (`[q_proj, v_proj]`), `all-linear`, "
+        "or a regex over full module names; null: peft's default for the model's family (LLaMA: "
+        "q_proj, v_proj; GPT-2: c_attn; ...).",
+    )
+    quantize_base: Literal["none", "nf4", "int8"] = Field(
+        "none",
+        description="QLoRA: hold the frozen base in bitsandbytes NF4 (double quantization) or "
+        "int8; adapters and their optimizer state stay in full precision.",
+    )
+    merge: bool = Field(
+        False,
+        description="Also write `final/merged/`: the adapters merged into the full-precision base, "
+        "a plain HF model.",
+    )
+
+
 class Recipe(_Strict):
     """A whole run: what to train, on what data, in which parallel layout."""
 
@@ -151,6 +176,7 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     audit: AuditPolicy = Field(
         default_factory=AuditPolicy, description="The data audit that gates the run."
     )
@@ -186,11 +212,27 @@ class Recipe(_Strict):
                 problems.append("parallel.pipeline_partition must be parameters, uniform or type:REGEX")
         if p.offload == "cpu" and p.zero_stage < 2:
             problems.append("parallel.offload=cpu needs parallel.zero_stage 2 or 3")
+        problems += self._lora_problems()
         if t.packing:
             problems.append("train.packing=true is not available in this version yet (set it to false)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _lora_problems(self) -> list[str]:
+        lora, p = self.lora, self.parallel
+        if not lora.enabled:
+            # a lora block without enabled=true would silently train every weight
+            if lora != LoraConfig():
+                return ["lora.* is set but lora.enabled is false (add lora.enabled=true to train adapters)"]
+            return []
+        problems = []
+        if p.pipeline_stages > 1 or p.tensor_parallel > 1:
+            problems.append("lora.enabled=true runs under ZeRO 0-3 only in this version "
+                            "(set parallel.pipeline_stages=1 and parallel.tensor_parallel=1)")
+        if lora.quantize_base != "none" and p.offload == "cpu":
+            problems.append("lora.quantize_base with parallel.offload=cpu is not available in this version")
+        return problems
 
     @property
     def warmup_steps(self) -> int:

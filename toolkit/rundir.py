@@ -110,6 +110,7 @@ def prepare(recipe: Recipe) -> dict:
         "versions": versions(),
         "git_commit": _git_commit(),
         "model": {"source": source.kind, "name": source.name, "path": model_path},
+        "lora": recipe.lora.model_dump(mode="json") if recipe.lora.enabled else None,
         "data": data,
         "audit": audit_entry,
         "parallel": {**parallel, "ds_config_template": recipe.parallel.ds_config

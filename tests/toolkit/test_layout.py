@@ -37,3 +37,10 @@ def test_tensor_parallel_must_divide_key_value_heads():
 def test_tensor_parallel_with_tied_embeddings_is_refused():
     with pytest.raises(UserError, match="tied input/output embeddings"):
         _describe("model=tiny-qwen2", "parallel.tensor_parallel=2", "parallel.zero_stage=1")
+
+
+def test_lora_target_modules_the_model_lacks_are_refused():
+    with pytest.raises(UserError, match=r"lora.target_modules: Target modules \{'c_attn'\} not found"):
+        _describe("lora.enabled=true", "lora.target_modules=[c_attn]")  # GPT-2's name, not LLaMA's
+    _describe("lora.enabled=true", "lora.target_modules=all-linear")
+    _describe("model=tiny-gpt2", "lora.enabled=true")  # peft's per-family default: c_attn

@@ -63,6 +63,10 @@ def test_default_output_dir_follows_the_recipe_name(tmp_path):
     ("parallel.pipeline_partition=type:[", "parallel.pipeline_partition regex is invalid"),
     ("parallel.pipeline_partition=layers", "must be parameters, uniform or type:REGEX"),
     ("--local_rank=0", "is not of the form key=value"),
+    ("lora.r=0", "`lora.r`: Input should be greater than or equal to 1"),
+    ("lora.quantize_base=nf3", "`lora.quantize_base`: Input should be 'none', 'nf4' or 'int8'"),
+    ("lora.dropout=1", "`lora.dropout`: Input should be less than 1"),
+    ("lora.merg=true", "unknown key `lora.merg` (did you mean `lora.merge`?)"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, message):
     with pytest.raises(UserError) as err:
@@ -78,6 +82,12 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
      "AutoTP training does not run inside its pipeline engine"),
     (["parallel.tensor_parallel=2", "parallel.zero_stage=3"], "does not combine with ZeRO-3"),
     (["parallel.tensor_parallel=4"], "parallel.nproc (2) must be a multiple"),
+    (["lora.enabled=true", "parallel.pipeline_stages=2"], "lora.enabled=true runs under ZeRO 0-3 only"),
+    (["lora.enabled=true", "parallel.tensor_parallel=2"], "lora.enabled=true runs under ZeRO 0-3 only"),
+    (["lora.enabled=true", "lora.quantize_base=nf4", "parallel.zero_stage=3", "parallel.offload=cpu"],
+     "lora.quantize_base with parallel.offload=cpu is not available"),
+    # a lora block that forgot enabled=true would otherwise train every weight without a word
+    (["lora.r=4"], "lora.* is set but lora.enabled is false"),
 ])
 def test_impossible_layouts_are_refused(overrides, message):
     with pytest.raises(UserError, match=re.escape(message)):

@@ -60,7 +60,14 @@ def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.
     """
     p = recipe.parallel
     if p.pipeline_stages == 1:
-        return load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code)
+        if not recipe.lora.enabled:
+            return load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code)
+        from toolkit.models import lora
+
+        quantization = lora.quantization_config(recipe.lora, DTYPES[recipe.train.precision])
+        model, handle = load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code,
+                                          quantization=quantization)
+        return lora.add_adapters(model, recipe.lora, lora.base_reference(path), recipe.train.seed), handle
     from transformers import AutoConfig
 
     from toolkit.engine import pipeline_loss
@@ -74,8 +81,10 @@ def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.
 
 
 def load_for_training(path: str, ds_config: dict[str, Any], precision: str,
-                      trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+                      trust_remote_code: bool = False, quantization=None) -> tuple[torch.nn.Module, Any]:
     """Load the model in ``path`` the way ``ds_config`` will train it.
+
+    ``quantization`` (a ``BitsAndBytesConfig``) loads the weights quantized, for a frozen QLoRA base.
 
     Returns:
         The model and a handle that must stay referenced while the model lives (the
@@ -88,7 +97,7 @@ def load_for_training(path: str, ds_config: dict[str, Any], precision: str,
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[precision], trust_remote_code=trust_remote_code
+            path, dtype=DTYPES[precision], trust_remote_code=trust_remote_code, quantization_config=quantization
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model {path!r}: {str(err).splitlines()[0]}",

@@ -2,8 +2,9 @@
 
 Usage: finetune_layouts.py OUT --layout NAME=key=value,key=value ... [-- key=value ...]
 Writes, per layout, the logged losses, how much of the model this rank holds, and on rank 0 the
-logits of its consolidated final/ (reloaded by from_pretrained) on a fixed probe; for layouts
-driven module by module, also the largest relative difference to the trained engine's logits.
+logits of its consolidated final/ (reloaded by from_pretrained; a LoRA adapter onto its base) on a
+fixed probe; for layouts driven module by module, also the largest relative difference to the
+trained engine's logits.
 """
 
 import argparse
@@ -27,11 +28,32 @@ parser.add_argument("--local_rank", type=int)  # passed by the launcher
 args, common = parser.parse_known_args()
 
 
+def reload_adapter(folder):
+    """A LoRA run's final/ on the base its adapter config names, quantized as the run held it."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.models.lora import quantization_config
+    from toolkit.recipe import load_recipe
+
+    lora = load_recipe(folder.parent / "recipe.yaml").lora
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                 quantization_config=quantization_config(lora, torch.float32))
+    return PeftModel.from_pretrained(model, folder)
+
+
 def final_logits(folder):
     from transformers import AutoModelForCausalLM
 
     gc.collect()  # drop a ZeRO-3 HfDeepSpeedConfig so from_pretrained loads plainly
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if (folder / "adapter_config.json").is_file():
+        model = reload_adapter(folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
     with torch.no_grad():
         return model(input_ids=PROBE).logits.float(), model
 
