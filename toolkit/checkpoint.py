@@ -83,7 +83,12 @@ def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> P
     if dist.get_rank() != 0:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    if isinstance(engine, PipelineEngine):
+    if isinstance(engine, PipelineEngine) and adapted:
+        from toolkit.models.pipeline import consolidate_adapter
+
+        state = consolidate_adapter(checkpoints, engine.module.hf_config, tag=tag(step))
+        lora.save_pipeline_adapter(engine.module.hf_config, engine.module.peft_config, state, out)
+    elif isinstance(engine, PipelineEngine):
         from toolkit.models.pipeline import consolidate as consolidate_pipeline
 
         consolidate_pipeline(checkpoints, engine.module.hf_config, out, tag=tag(step))

@@ -119,7 +119,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     from toolkit import checkpoint
     from toolkit.data import GlobalBatches, encode_set
     from toolkit.engine import PipelineTrainer, Trainer
-    from toolkit.metrics import MetricsLogger, peak_rss_mb_per_rank
+    from toolkit.metrics import MetricsLogger, model_state_mb, peak_rss_mb_per_rank, per_rank
     from toolkit.models import build_model, load_tokenizer
 
     if not isinstance(recipe, Recipe):
@@ -148,7 +148,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds_config)
-    params = parameter_counts(engine.module)
+    params = run["parallel"]["parameters"]
     if rank == 0:
         print(f"dstk: training {params['trainable']:,} of {params['total']:,} parameters "
               f"({params['trainable'] / params['total']:.2%})", flush=True)
@@ -177,39 +177,25 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
         from toolkit.models.lora import merge
 
         tokenizer.save_pretrained(merge(run_dir.final, run_dir.final / "merged"))
-    peak_rss = peak_rss_mb_per_rank()
+    memory = {"peak_rss_mb_per_rank": peak_rss_mb_per_rank(), "rss_before_model_mb_per_rank": rss_before_model,
+              "model_state_mb_per_rank": per_rank(model_state_mb(engine))}
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],
         eval_before=None if eval_before is None else vars(eval_before),
         eval_after=None if eval_after is None else vars(eval_after), engine=engine)
     if rank == 0:
-        _record_result(run_dir, result, params, {"peak_rss_mb_per_rank": peak_rss,
-                                                 "rss_before_model_mb_per_rank": rss_before_model})
+        _record_result(run_dir, result, memory)
     dist.barrier()
     return result
 
 
-def parameter_counts(module) -> dict[str, int]:
-    """Trainable and total parameters of ``module`` (ZeRO-3 shards and 4-bit weights at full size).
-
-    A pipeline rank counts its own stage only.
-    """
-    counts = {"trainable": 0, "total": 0}
-    for p in module.parameters():
-        quantized = getattr(p, "quant_state", None)  # bitsandbytes packs two 4-bit values a byte
-        n = quantized.shape.numel() if quantized is not None else getattr(p, "ds_numel", p.numel())
-        counts["total"] += n
-        counts["trainable"] += n if p.requires_grad else 0
-    return counts
-
-
-def _record_result(run_dir: RunDir, result: FinetuneResult, params: dict, memory: dict) -> None:
+def _record_result(run_dir: RunDir, result: FinetuneResult, memory: dict) -> None:
     run = run_dir.read_run()
     run["status"] = "completed"
     run["result"] = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
                      "eval_before": result.eval_before, "eval_after": result.eval_after,
-                     "final": str(result.final_dir), "parameters": params, **memory}
+                     "final": str(result.final_dir), **memory}
     lineage = {key: run[key] for key in ("recipe_sha256", "data", "audit", "model")}
     (run_dir.final / "dstk_lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     run_dir.write_run(run)

@@ -51,10 +51,7 @@ def describe(recipe: Recipe, config) -> dict:
             raise UserError("parallel.tensor_parallel > 1 is not supported for models with tied input/output "
                             "embeddings (DeepSpeed AutoTP shards their LM head over the vocabulary)",
                             "use ZeRO or parallel.pipeline_stages for this model")
-    if recipe.lora.enabled:
-        from toolkit.models.lora import check_targets
-
-        check_targets(config, recipe.lora)
+    layout["parameters"] = parameter_counts(recipe, config)
     if p.pipeline_stages > 1:
         from toolkit.models.pipeline import plan_split
 
@@ -67,3 +64,21 @@ def describe(recipe: Recipe, config) -> dict:
             "summary": str(split),
         }
     return layout
+
+
+def parameter_counts(recipe: Recipe, config) -> dict[str, int]:
+    """Total and trained parameters of the whole model, counted on an empty (meta-device) copy.
+
+    Raises:
+        UserError: LoRA target modules the model does not have.
+    """
+    from toolkit.models.loading import empty_model
+
+    model = empty_model(config, recipe.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    if not recipe.lora.enabled:
+        return {"total": total, "trainable": total}
+    from toolkit.models.lora import add_adapters
+
+    adapted = add_adapters(model, recipe.lora, base=None, seed=0)
+    return {"total": total, "trainable": sum(p.numel() for p in adapted.parameters() if p.requires_grad)}

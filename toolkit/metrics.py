@@ -28,11 +28,60 @@ def peak_rss_mb() -> float:
     return round(mine.item(), 1)
 
 
+def per_rank(value: float) -> list[float]:
+    """Every rank's ``value``, by rank (a collective call)."""
+    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, torch.tensor([value], dtype=torch.float64))
+    return [round(t.item(), 1) for t in every]
+
+
 def peak_rss_mb_per_rank() -> list[float]:
     """Each rank's largest resident memory so far, in MiB, by rank (a collective call)."""
-    every = [torch.zeros(1) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, _own_peak_rss_mb())
-    return [round(t.item(), 1) for t in every]
+    return per_rank(_own_peak_rss_mb().item())
+
+
+# Objects of these packages are looked into for the tensors they hold; others (and modules,
+# whose parameters are visited directly) are not, so the walk stays inside the model states.
+_STATE_HOLDERS = ("deepspeed", "torch.optim", "bitsandbytes")
+
+
+def model_state_mb(engine) -> float:
+    """MiB of this rank's model states: every tensor its parameters and optimizer hold.
+
+    Weights (ZeRO-3 partitions, bitsandbytes blocks and scales), gradients, optimizer moments
+    and fp32 master copies, each storage counted once however many views share it. It is what
+    the ZeRO paper's per-rank formulas predict; activations and buffers freed after a step are
+    not included.
+    """
+    storages: dict[tuple, int] = {}
+    visited: set[int] = set()
+
+    def walk(obj, depth: int) -> None:
+        if id(obj) in visited or depth > 8:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "meta":
+                storage = obj.untyped_storage()
+                storages[(obj.device.type, storage.data_ptr())] = storage.nbytes()
+            for name in ("grad", "ds_tensor", "quant_state"):
+                walk(getattr(obj, name, None), depth + 1)
+            return
+        if isinstance(obj, dict):
+            items = [*obj.keys(), *obj.values()]  # an optimizer's state is keyed by parameter
+        elif isinstance(obj, (list, tuple, set)):
+            items = obj
+        elif not isinstance(obj, torch.nn.Module) and type(obj).__module__.startswith(_STATE_HOLDERS):
+            items = vars(obj).values() if hasattr(obj, "__dict__") else ()
+        else:
+            return
+        for item in items:
+            walk(item, depth + 1)
+
+    for param in engine.module.parameters():
+        walk(param, 0)
+    walk(engine.optimizer, 0)
+    return sum(storages.values()) / 2**20
 
 
 class MetricsLogger:

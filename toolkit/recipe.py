@@ -227,9 +227,12 @@ class Recipe(_Strict):
                 return ["lora.* is set but lora.enabled is false (add lora.enabled=true to train adapters)"]
             return []
         problems = []
-        if p.pipeline_stages > 1 or p.tensor_parallel > 1:
-            problems.append("lora.enabled=true runs under ZeRO 0-3 only in this version "
-                            "(set parallel.pipeline_stages=1 and parallel.tensor_parallel=1)")
+        if p.tensor_parallel > 1:
+            problems.append("lora.enabled=true with parallel.tensor_parallel > 1 is not available: AutoTP "
+                            "would split the adapters' own layers (use ZeRO or pipeline stages)")
+        if lora.quantize_base != "none" and p.pipeline_stages > 1:
+            problems.append("lora.quantize_base with pipeline_stages > 1 is not available in this version "
+                            "(pipeline stages load their layers in full precision; use ZeRO-3 for QLoRA)")
         if lora.quantize_base != "none" and p.offload == "cpu":
             problems.append("lora.quantize_base with parallel.offload=cpu is not available in this version")
         return problems

@@ -46,10 +46,10 @@ def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout) -> None:
               f"({after['records']} held-out records)", file=out)
     if speed:
         print(f"  tokens/s      {sum(speed) / len(speed):.0f} (mean of logged windows)", file=out)
-    if "parameters" in result:
-        params = result["parameters"]
-        print(f"  parameters    {params['trainable']:,} trained of {params['total']:,}"
-              + (" (LoRA adapters)" if run.get("lora") else ""), file=out)
+    params = run["parallel"]["parameters"]
+    print(f"  parameters    {params['trainable']:,} trained of {params['total']:,}"
+          + (" (LoRA adapters)" if run.get("lora") else ""), file=out)
+    if "peak_rss_mb_per_rank" in result:
         print(f"  peak memory   {', '.join(f'{mb:,.0f}' for mb in result['peak_rss_mb_per_rank'])} MiB "
               "resident, by rank", file=out)
     print(f"  audit         {run['audit']['verdict']}  {run['audit'].get('report', '')}", file=out)

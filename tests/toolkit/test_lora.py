@@ -1,4 +1,4 @@
-"""LoRA and QLoRA on 2 CPU ranks: every ZeRO stage trains the adapters exactly like one rank.
+"""LoRA and QLoRA on 2 CPU ranks: every ZeRO stage and a pipeline train the adapters like one rank.
 
 The same worker as the layout parity test (``workers/finetune_layouts.py``) trains the built-in
 default with adapters under each layout; one rank accumulating 2 micro-batches is the reference.
@@ -18,18 +18,29 @@ COMMON = ["train.max_steps=5", "train.log_steps=1", "train.warmup_ratio=0.2", "t
           "train.lr=1e-2", "data.eval=null", "train.save_steps=0", "lora.enabled=true", "lora.dropout=0"]
 LORA = {f"lora_zero{stage}": f"parallel.zero_stage={stage}" for stage in range(4)}
 LORA["lora_zero2"] += ",train.save_steps=3,lora.merge=true"  # resumed from step 3 below
+# adapters inside pipeline stages, the tie of tiny-qwen2's embeddings kept across the split
+PIPELINES = {"lora_pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2",
+             "lora_pipe2_tied": "model=tiny-qwen2,parallel.zero_stage=1,parallel.pipeline_stages=2"}
 QLORA = {"qlora_nf4_zero2": "lora.quantize_base=nf4,parallel.zero_stage=2",
          "qlora_nf4_zero3": "lora.quantize_base=nf4,parallel.zero_stage=3",
          "qlora_int8_zero2": "lora.quantize_base=int8,parallel.zero_stage=2"}
 REFERENCES = {"single_lora": "parallel.zero_stage=0",
+              "single_lora_tied": "model=tiny-qwen2,parallel.zero_stage=0",
               "single_qlora_nf4": "lora.quantize_base=nf4,parallel.zero_stage=0",
               "single_qlora_int8": "lora.quantize_base=int8,parallel.zero_stage=0"}
-REFERENCE_OF = {**{name: "single_lora" for name in LORA}, "qlora_nf4_zero2": "single_qlora_nf4",
+REFERENCE_OF = {**{name: "single_lora" for name in LORA}, "lora_pipe2": "single_lora",
+                "lora_pipe2_tied": "single_lora_tied", "qlora_nf4_zero2": "single_qlora_nf4",
                 "qlora_nf4_zero3": "single_qlora_nf4", "qlora_int8_zero2": "single_qlora_int8"}
+MODULE_DRIVEN = [name for name in REFERENCE_OF if name not in PIPELINES]
 
 
 def _layouts(mapping, grad_accum):
     return [arg for name, spec in mapping.items() for arg in ("--layout", f"{name}={spec},train.grad_accum={grad_accum}")]
+
+
+def _relative_error(mine, expected) -> float:
+    mine, expected = torch.as_tensor(mine), torch.as_tensor(expected)
+    return ((mine - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +55,9 @@ def runs_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(runs_dir):
-    return run_deepspeed(WORKER, runs_dir, *_layouts({**LORA, **QLORA}, 1), "--resume", "lora_zero2:3", *COMMON,
-                         nproc=2, timeout=900)
+    # one data-parallel rank in a 2-stage pipeline accumulates 2 micro-batches, like the reference
+    return run_deepspeed(WORKER, runs_dir, *_layouts({**LORA, **QLORA}, 1), *_layouts(PIPELINES, 2),
+                         "--resume", "lora_zero2:3", *COMMON, nproc=2, timeout=900)
 
 
 @pytest.mark.parametrize("layout", list(REFERENCE_OF))
@@ -56,9 +68,19 @@ def test_adapter_losses_match_single_rank_and_fall(reference, two_ranks, layout)
         assert rank[layout]["losses"] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("layout", list(REFERENCE_OF))
+@pytest.mark.parametrize("layout", MODULE_DRIVEN)
 def test_saved_adapter_reloads_onto_its_base_with_the_trained_logits(two_ranks, layout):
     assert two_ranks[0][layout]["final_vs_engine"] < 1e-5
+
+
+@pytest.mark.parametrize("layout", list(REFERENCE_OF))
+def test_saved_adapter_is_the_one_a_single_rank_trains(reference, two_ranks, layout):
+    expected = reference[REFERENCE_OF[layout]]["final_logits"]
+    assert _relative_error(two_ranks[0][layout]["final_logits"], expected) < 1e-5
+
+
+def test_tied_embeddings_survive_adapters_in_a_pipeline(two_ranks):
+    assert two_ranks[0]["lora_pipe2_tied"]["tied"]
 
 
 def test_quantized_base_under_zero3_is_partitioned(two_ranks):
@@ -89,5 +111,4 @@ def test_merged_model_is_a_plain_model_with_the_adapter_logits(two_ranks, runs_d
     probe = torch.arange(24).view(2, 12) * 7 % 90 + 5  # the worker's probe
     with torch.no_grad():
         logits = model(input_ids=probe).logits
-    expected = torch.tensor(two_ranks[0]["lora_zero2"]["final_logits"])
-    assert ((logits - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    assert _relative_error(logits, two_ranks[0]["lora_zero2"]["final_logits"]) < 1e-5

@@ -82,8 +82,9 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
      "AutoTP training does not run inside its pipeline engine"),
     (["parallel.tensor_parallel=2", "parallel.zero_stage=3"], "does not combine with ZeRO-3"),
     (["parallel.tensor_parallel=4"], "parallel.nproc (2) must be a multiple"),
-    (["lora.enabled=true", "parallel.pipeline_stages=2"], "lora.enabled=true runs under ZeRO 0-3 only"),
-    (["lora.enabled=true", "parallel.tensor_parallel=2"], "lora.enabled=true runs under ZeRO 0-3 only"),
+    (["lora.enabled=true", "parallel.tensor_parallel=2"], "AutoTP would split the adapters' own layers"),
+    (["lora.enabled=true", "lora.quantize_base=nf4", "parallel.pipeline_stages=2"],
+     "lora.quantize_base with pipeline_stages > 1 is not available"),
     (["lora.enabled=true", "lora.quantize_base=nf4", "parallel.zero_stage=3", "parallel.offload=cpu"],
      "lora.quantize_base with parallel.offload=cpu is not available"),
     # a lora block that forgot enabled=true would otherwise train every weight without a word

@@ -43,6 +43,14 @@ def resolve_model(spec: str) -> ModelRef:
     return ModelRef("hub", spec)
 
 
+def empty_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM of ``config`` on the ``meta`` device: its structure and sizes, without memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -77,6 +85,10 @@ def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.
     module = to_pipeline(config, p.pipeline_stages, weights=path, partition=p.pipeline_partition,
                          activation_checkpoint_interval=p.activation_checkpoint_interval,
                          loss_fn=pipeline_loss, dtype=DTYPES[recipe.train.precision], seed=recipe.train.seed)
+    if recipe.lora.enabled:
+        from toolkit.models import lora
+
+        module = lora.adapt_pipeline(module, recipe.lora, lora.base_reference(path), recipe.train.seed)
     return module, None
 
 

@@ -58,7 +58,30 @@ def final_logits(folder):
         return model(input_ids=PROBE).logits.float(), model
 
 
+def rerun_from(name: str, step: int) -> list[float]:
+    """Roll a finished run back to its checkpoint of ``step`` and let resume=auto finish it again."""
+    import shutil
+    from pathlib import Path
+
+    overrides = dict(spec.partition("=")[::2] for spec in args.layout)[name]
+    run = Path(args.out) / name
+    again = Path(args.out) / f"{name}_resumed"
+    if dist.get_rank() == 0:
+        shutil.copytree(run, again, ignore=shutil.ignore_patterns("final"))
+        for folder in (again / "checkpoints").glob("step_*"):
+            if int(folder.name.removeprefix("step_")) > step:
+                shutil.rmtree(folder)
+        (again / "checkpoints" / "latest").write_text(f"step_{step:06d}")
+    dist.barrier()
+    result = finetune(None, [f"output_dir={again}", f"parallel.nproc={dist.get_world_size()}", "resume=auto",
+                             *common, *filter(None, overrides.split(","))])
+    return result.losses
+
+
 deepspeed.init_distributed(verbose=False)
+# resumed right after their first run: DeepSpeed's process-wide parallel groups are those of the
+# latest engine, and a later pipeline's would not fit the rerun's layout
+resume_at = {name: int(step) for name, _, step in (spec.partition(":") for spec in args.resume)}
 results = {}
 for spec in args.layout:
     name, _, overrides = spec.partition("=")
@@ -85,28 +108,7 @@ for spec in args.layout:
     results[name] = entry
     del result, params
     gc.collect()
+    if name in resume_at:
+        entry["resumed_losses"] = rerun_from(name, resume_at[name])
 
-def rerun_from(name: str, step: int) -> list[float]:
-    """Roll a finished run back to its checkpoint of ``step`` and let resume=auto finish it again."""
-    import shutil
-    from pathlib import Path
-
-    overrides = dict(spec.partition("=")[::2] for spec in args.layout)[name]
-    run = Path(args.out) / name
-    again = Path(args.out) / f"{name}_resumed"
-    if dist.get_rank() == 0:
-        shutil.copytree(run, again, ignore=shutil.ignore_patterns("final"))
-        for folder in (again / "checkpoints").glob("step_*"):
-            if int(folder.name.removeprefix("step_")) > step:
-                shutil.rmtree(folder)
-        (again / "checkpoints" / "latest").write_text(f"step_{step:06d}")
-    dist.barrier()
-    result = finetune(None, [f"output_dir={again}", f"parallel.nproc={dist.get_world_size()}", "resume=auto",
-                             *common, *filter(None, overrides.split(","))])
-    return result.losses
-
-
-for spec in args.resume:
-    name, _, step = spec.partition(":")
-    results[name]["resumed_losses"] = rerun_from(name, int(step))
 write_result(results)

@@ -13,7 +13,7 @@ Supported families: LLaMA, Mistral, Qwen2, Gemma, Phi, GPT-NeoX, GPT-2, OPT
 (:func:`supported_model_types`).
 """
 
-from toolkit.models.pipeline.consolidate import consolidate
+from toolkit.models.pipeline.consolidate import consolidate, consolidate_adapter
 from toolkit.models.pipeline.convert import HFPipelineModule, plan_split, to_pipeline
 from toolkit.models.pipeline.families import supported_model_types
 from toolkit.models.pipeline.layers import causal_lm_loss
@@ -24,6 +24,7 @@ __all__ = [
     "Split",
     "causal_lm_loss",
     "consolidate",
+    "consolidate_adapter",
     "plan_split",
     "supported_model_types",
     "to_pipeline",

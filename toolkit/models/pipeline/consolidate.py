@@ -47,6 +47,41 @@ def consolidate(checkpoint_dir: str | Path, config, output_dir: str | Path | Non
         config = AutoConfig.from_pretrained(config)
     folder = _tag_folder(Path(checkpoint_dir), tag)
     model = meta_model(config)
+    state = _hf_state(folder, model)
+    expected = model.state_dict(keep_vars=True)
+    missing = expected.keys() - state.keys() - _tied_duplicates(expected)
+    unexpected = state.keys() - expected.keys()
+    if missing or unexpected:
+        raise _mismatch(folder, f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    if output_dir is not None:
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+        model.save_pretrained(output_dir)
+    return state
+
+
+def consolidate_adapter(checkpoint_dir: str | Path, config, *, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA adapter weights of a pipeline checkpoint saved without its frozen base, under HF names.
+
+    Returns:
+        ``{"model.layers.0.self_attn.q_proj.lora_A.default.weight": tensor, ...}``.
+
+    Raises:
+        UserError: No checkpoint, a missing layer file, or no adapter weights in it.
+    """
+    if isinstance(config, (str, Path)):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config)
+    folder = _tag_folder(Path(checkpoint_dir), tag)
+    state = {key: tensor for key, tensor in _hf_state(folder, meta_model(config)).items() if ".lora_" in key}
+    if not state:
+        raise UserError(f"checkpoint {folder} holds no LoRA adapter weights", "was it saved by a LoRA run?")
+    return state
+
+
+def _hf_state(folder: Path, model) -> dict[str, torch.Tensor]:
+    """Every tensor in the layer files of ``folder``, under the HF model's names."""
     state: dict[str, torch.Tensor] = {}
     for index, layer in enumerate(plan_layers(model)):
         if layer.forward_fn is not None:
@@ -62,15 +97,6 @@ def consolidate(checkpoint_dir: str | Path, config, output_dir: str | Path | Non
             if local not in layer.modules:
                 raise _mismatch(folder, f"{files[0].name} holds {key!r}, the config's layer {index} is {layer.name}")
             state[f"{layer.modules[local]}.{rest}"] = tensor
-    expected = model.state_dict(keep_vars=True)
-    missing = expected.keys() - state.keys() - _tied_duplicates(expected)
-    unexpected = state.keys() - expected.keys()
-    if missing or unexpected:
-        raise _mismatch(folder, f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    if output_dir is not None:
-        model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-        model.save_pretrained(output_dir)
     return state
 
 

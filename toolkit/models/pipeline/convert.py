@@ -137,9 +137,10 @@ class HFPipelineModule(PipelineModule):
     this class hands it the counts from the plan instead.
     """
 
-    def __init__(self, layers, split: Split, hf_config=None, **kwargs):
+    def __init__(self, layers, split: Split, hf_config=None, layer_modules=(), **kwargs):
         self.split = split  # read by _count_layer_params inside PipelineModule.__init__
         self.hf_config = hf_config  # what consolidation rebuilds the HF model from
+        self.layer_modules = list(layer_modules)  # per layer: local name -> HF module path
         super().__init__(layers, num_stages=split.num_stages, partition_method=split.ds_partition_method, **kwargs)
         assert tuple(self.parts) == split.parts, (self.parts, split.parts)
         # DeepSpeed's fp32 gradient clipping (clip_grad_norm_ with the pipeline grid as mpu) sums
@@ -151,6 +152,14 @@ class HFPipelineModule(PipelineModule):
 
     def _count_layer_params(self) -> list[int]:
         return list(self.split.weights)
+
+    def hf_name(self, name: str) -> str:
+        """The HF model's name for a module or parameter of this stage (``3.layer.mlp`` -> ``model.layers.2.mlp``)."""
+        index, _, rest = name.partition(".")
+        local, _, tail = rest.partition(".")
+        if not index.isdigit() or local not in self.layer_modules[int(index)]:
+            raise KeyError(f"{name!r} is not inside a pipeline layer built from HF modules")
+        return ".".join(filter(None, [self.layer_modules[int(index)][local], tail]))
 
 
 def to_pipeline(
@@ -207,7 +216,8 @@ def to_pipeline(
         source.aliases[f"{plan[0].modules['tokens']}.weight"] = f"{head}.weight"
     specs = [_spec(layer, source) for layer in plan]
     module = HFPipelineModule(
-        specs, split, hf_config=source.model.config, loss_fn=loss_fn, activation_checkpoint_interval=activation_checkpoint_interval,
+        specs, split, hf_config=source.model.config, layer_modules=[layer.modules for layer in plan], loss_fn=loss_fn,
+        activation_checkpoint_interval=activation_checkpoint_interval,
         checkpointable_layers=[DecoderLayerPipe.__name__],
     )
     source.release()
@@ -233,12 +243,11 @@ def _is_config(obj) -> bool:
 
 
 def meta_model(config) -> nn.Module:
-    """The model of ``config`` on the ``meta`` device: its structure, without memory."""
-    from transformers import AutoModelForCausalLM
+    """The model of ``config`` on the ``meta`` device, once its family is known to be supported."""
+    from toolkit.models.loading import empty_model
 
     family_for(config)  # fail on an unsupported architecture before building anything
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    return empty_model(config)
 
 
 def _exists(model: nn.Module, path: str) -> bool:
