@@ -18,6 +18,7 @@ COMMON = ["train.max_steps=5", "train.log_steps=1", "train.warmup_ratio=0.2", "t
           "train.lr=1e-2", "data.eval=null", "train.save_steps=0", "lora.enabled=true", "lora.dropout=0"]
 LORA = {f"lora_zero{stage}": f"parallel.zero_stage={stage}" for stage in range(4)}
 LORA["lora_zero2"] += ",train.save_steps=3,lora.merge=true"  # resumed from step 3 below
+LORA["lora_zero3_offload"] = "parallel.zero_stage=3,parallel.offload=cpu"  # DeepSpeed's CPU Adam
 # adapters inside pipeline stages, the tie of tiny-qwen2's embeddings kept across the split
 PIPELINES = {"lora_pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2",
              "lora_pipe2_tied": "model=tiny-qwen2,parallel.zero_stage=1,parallel.pipeline_stages=2"}
@@ -112,3 +113,18 @@ def test_merged_model_is_a_plain_model_with_the_adapter_logits(two_ranks, runs_d
     with torch.no_grad():
         logits = model(input_ids=probe).logits
     assert _relative_error(logits, two_ranks[0]["lora_zero2"]["final_logits"]) < 1e-5
+
+
+def test_lora_run_exports_merged_and_verified(two_ranks, runs_dir, tmp_path):
+    """`dstk export RUN` merges the run's adapter into its full-precision base before quantizing."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "nf4"
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", str(runs_dir / "lora_zero1"), "--quant",
+                           "nf4", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "export.json").read_text())
+    assert report["lineage"]["adapter_dir"].endswith("lora_zero1/final")
+    assert report["lineage"]["run"]["lora"]["enabled"]
