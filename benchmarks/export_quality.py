@@ -23,6 +23,7 @@ import torch
 from toolkit import inference
 from toolkit.data import EncodedSet, builtin, collate, encode, load_records
 from toolkit.export import export
+from toolkit.model_dir import resolve
 from toolkit.models.presets import build_preset
 from toolkit.recipe import DataConfig
 
@@ -58,7 +59,8 @@ def main() -> int:
                         double_quant=double_quant, eval_data=records, eval_fields=fields)
         rows.append((f"{quant}{' +dq' if double_quant else ''}", result))
     print_quality(source, rows)
-    print_speed(source, [(name, r.out_dir) for name, r in rows], [r[fields.prompt_field] for r in records[:8]],
+    # the full-precision model itself where the source is a run (its final/) or an adapter (its base)
+    print_speed(resolve(source).model_dir, [(name, r.out_dir) for name, r in rows], [r[fields.prompt_field] for r in records[:8]],
                 args.new_tokens)
     print(f"exports and data kept in {work}")
     return 0

@@ -1,19 +1,31 @@
-"""DeepSpeed checkpoints of a run, resume, and consolidation to a Hugging Face model.
+"""DeepSpeed checkpoints of a run, crash-safe; resume, and consolidation to a Hugging Face model.
 
 Checkpoints are DeepSpeed's own (``checkpoints/step_NNNNNN`` and ``latest``), so DeepSpeed's
-tools work on them. ``final/`` is a standard HF directory (safetensors, config, tokenizer) built
-from the engine's in-memory weights: under ZeRO-3 each module's shards are gathered in turn and
-only rank 0 keeps the full state dict.
+tools work on them. A crash must never cost a checkpoint that was complete, so each one is
+written under a hidden name (``.step_NNNNNN.partial``), then its files are flushed and listed with
+their sizes and sha256 in ``dstk_manifest.json``, then it is renamed into place, and only then
+does ``latest`` (replaced atomically) point at it. A checkpoint counts as complete only when its
+manifest verifies; resume skips any other with a warning naming it.
+
+``final/`` is a standard HF directory (safetensors, config, tokenizer) built from the engine's
+in-memory weights: under ZeRO-3 each module's shards are gathered in turn and only rank 0 keeps
+the full state dict.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+MANIFEST = "dstk_manifest.json"
+LATEST = "latest"
 
 
 def tag(step: int) -> str:
@@ -27,31 +39,117 @@ def _frozen_base(engine) -> bool:
 
 
 def save(engine, folder: Path, step: int) -> Path:
-    """Save a DeepSpeed checkpoint of ``step`` (a collective call on every rank).
+    """Save a DeepSpeed checkpoint of ``step`` crash-safely (a collective call on every rank).
 
     A LoRA run saves its adapters and their optimizer state only: the frozen base is the model
     the run started from, reloaded from there on resume.
     """
-    engine.save_checkpoint(str(folder), tag=tag(step), client_state={"step": step},
+    name = tag(step)
+    staging = f".{name}.partial"
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder / staging, ignore_errors=True)  # left by a run killed while saving
+    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=staging, client_state={"step": step}, save_latest=False,
                            exclude_frozen_parameters=_frozen_base(engine))
-    return folder / tag(step)
+    dist.barrier()  # every rank's files are written
+    if dist.get_rank() == 0:
+        write_manifest(folder / staging, step)
+        shutil.rmtree(folder / name, ignore_errors=True)  # an older save of this step (after a rollback)
+        (folder / staging).rename(folder / name)
+        _fsync_dir(folder)
+        point_latest(folder, name)
+    dist.barrier()
+    return folder / name
+
+
+def write_manifest(checkpoint: Path, step: int) -> None:
+    """List every file of ``checkpoint`` with its size and sha256, flushing each to disk first."""
+    from toolkit.rundir import sha256_file
+
+    files = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+        files[str(path.relative_to(checkpoint))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    _write_atomically(checkpoint / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+
+
+def point_latest(folder: Path, name: str) -> None:
+    """Make ``name`` the checkpoint that ``resume=auto`` continues from (DeepSpeed's ``latest`` file)."""
+    _write_atomically(folder / LATEST, name)
+
+
+def verify(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` is not complete (missing manifest, file, size or hash), or None if it is."""
+    from toolkit.rundir import sha256_file
+
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    for relative, expected in manifest["files"].items():
+        path = checkpoint / relative
+        if not path.is_file():
+            return f"{relative} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{relative} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+        if sha256_file(path) != expected["sha256"]:
+            return f"{relative} does not match its sha256"
+    return None
+
+
+def newest_complete(folder: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names if complete, else the newest complete one.
+
+    Every incomplete or corrupt checkpoint passed over is named in a warning.
+    """
+    latest = folder / LATEST
+    named = folder / latest.read_text().strip() if latest.is_file() else None
+    candidates = sorted(folder.glob("step_*"), reverse=True)
+    if named is not None:
+        candidates = [named] + [c for c in candidates if c != named]
+    for candidate in candidates:
+        problem = verify(candidate)
+        if problem is None:
+            return candidate
+        log.warning("skipping checkpoint %s: %s", candidate, problem)
+    return None
 
 
 def resume(engine, folder: Path) -> int:
-    """Load the newest checkpoint in ``folder`` into ``engine``; return its step (0 if none).
+    """Load the newest complete checkpoint in ``folder`` into ``engine``; return its step (0 if none).
 
     Model, optimizer and LR schedule come back through DeepSpeed; the data position is the step
     itself, since batches are a pure function of the step (``toolkit.data.batches``).
     """
-    if not (folder / "latest").is_file():
+    chosen = [newest_complete(folder) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(chosen, src=0)  # one rank judges, so all load the same one
+    if chosen[0] is None:
         return 0
-    path, client_state = engine.load_checkpoint(str(folder), load_module_strict=not _frozen_base(engine))
-    if path is None:
-        return 0
+    path, client_state = engine.load_checkpoint(str(folder), tag=chosen[0].name,
+                                                load_module_strict=not _frozen_base(engine))
     step = int(client_state["step"])
     if dist.get_rank() == 0:
         log.warning("resumed from %s at step %d", path, step)
     return step
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> Path | None:
@@ -101,18 +199,16 @@ def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> P
 
 
 def consolidate_newest(root: Path) -> Path:
-    """Consolidate a run's newest checkpoint, offline in one process, to ``consolidated/TAG``.
+    """Consolidate a run's newest complete checkpoint, offline in one process, to ``consolidated/TAG``.
 
     For a run that has checkpoints but no ``final/`` (stopped early, or still running): ZeRO 1-3
     through DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights), ZeRO-0 from the model
     states file, a pipeline from its per-layer files. Written aside and renamed into place.
 
     Raises:
-        UserError: the run has no checkpoint, or it is an AutoTP checkpoint (its slices are only
-            gathered by the live engine, into ``final/``).
+        UserError: the run has no complete checkpoint, or it is an AutoTP checkpoint (its slices
+            are only gathered by the live engine, into ``final/``).
     """
-    import shutil
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -121,10 +217,11 @@ def consolidate_newest(root: Path) -> Path:
     from toolkit.rundir import RunDir
 
     run = RunDir(Path(root))
-    latest = run.checkpoints / "latest"
-    if not latest.is_file():
-        raise UserError(f"{root}: the run has neither final/ nor a checkpoint", "train it (train.save_steps) first")
-    name = latest.read_text().strip()
+    chosen = newest_complete(run.checkpoints) if run.checkpoints.is_dir() else None
+    if chosen is None:
+        raise UserError(f"{root}: the run has neither final/ nor a complete checkpoint",
+                        "train it (train.save_steps) first")
+    name = chosen.name
     out = run.root / "consolidated" / name
     if (out / "config.json").is_file():
         return out
