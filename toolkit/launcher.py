@@ -50,4 +50,37 @@ def launch(recipe: Recipe) -> int:
         print(run["parallel"]["pipeline"]["summary"], flush=True)
     run_dir = RunDir(Path(recipe.output_dir))
     port = recipe.parallel.master_port or free_port()
-    return subprocess.run(command(recipe, run_dir.recipe, port), env=worker_env(recipe)).returncode
+    # its own session: the launcher and its workers form one process group that dstk can stop whole
+    launcher = subprocess.Popen(command(recipe, run_dir.recipe, port), env=worker_env(recipe),
+                                start_new_session=True)
+    return wait_stopping_on_signals(launcher)
+
+
+def wait_stopping_on_signals(launcher: subprocess.Popen) -> int:
+    """Wait for the launcher; SIGTERM, SIGINT or SIGHUP to dstk stops it and every worker.
+
+    DeepSpeed's local launcher terminates its workers on SIGTERM, but its runner in front of it
+    does not pass signals on, and a scheduler's SIGTERM or a closed terminal reaches only dstk:
+    without this the workers would go on training, orphaned.
+
+    Returns:
+        The launcher's exit code; 128 + N when signal N stopped it, as a shell reports it.
+    """
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        try:
+            os.killpg(launcher.pid, signal.SIGTERM)
+        except ProcessLookupError:  # already gone
+            pass
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python allows handlers
+    previous = {sig: signal.signal(sig, stop) for sig in handled} if main_thread else {}
+    try:
+        code = launcher.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code

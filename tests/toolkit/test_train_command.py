@@ -124,3 +124,42 @@ def test_failing_audit_stops_the_run_with_exit_1(tmp_path):
               for r in f["records"] if r["split"] == "eval"}
     assert leaked == {0, 1, 2, 3, 4}
     assert not (out / "checkpoints").exists() and "spawned with command" not in proc.stdout + proc.stderr
+
+
+def _processes_of(out: Path) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(out) in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def test_sigterm_to_dstk_stops_the_launcher_and_every_worker(tmp_path):
+    """A scheduler's SIGTERM reaches only dstk; no worker may go on training without it."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "train", f"output_dir={out}",
+                             "train.max_steps=100000", "train.log_steps=1", "data.eval=null"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.5)
+        workers = [p for p in _processes_of(out) if " -m toolkit.worker" in " ".join(p.info["cmdline"])]
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "resume=auto" in output
+        deadline = time.monotonic() + 30
+        while _processes_of(out) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _processes_of(out) == []
+    finally:
+        for leftover in _processes_of(out):
+            leftover.kill()
+        proc.kill()
