@@ -136,30 +136,61 @@ def _processes_of(out: Path) -> list:
     return found
 
 
-def test_sigterm_to_dstk_stops_the_launcher_and_every_worker(tmp_path):
-    """A scheduler's SIGTERM reaches only dstk; no worker may go on training without it."""
-    import signal
+@pytest.fixture()
+def training(tmp_path):
+    """A long ``dstk train`` (checkpoint every 5 steps) once both workers have logged a step.
+
+    Yields ``(proc, out, workers)``; whatever is left of the run is killed afterwards.
+    """
     import time
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "train", f"output_dir={out}",
-                             "train.max_steps=100000", "train.log_steps=1", "data.eval=null"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "train.max_steps=100000", "train.log_steps=1", "train.save_steps=5",
+                             "data.eval=null"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        while not (out / "checkpoints" / "latest").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach a checkpoint"
             time.sleep(0.5)
         workers = [p for p in _processes_of(out) if " -m toolkit.worker" in " ".join(p.info["cmdline"])]
         assert len(workers) == 2
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-        assert proc.returncode != 0 and "resume=auto" in output
-        deadline = time.monotonic() + 30
-        while _processes_of(out) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _processes_of(out) == []
+        yield proc, out, workers
     finally:
         for leftover in _processes_of(out):
             leftover.kill()
         proc.kill()
+        proc.communicate()
+
+
+def _stops_whole(proc, out: Path) -> str:
+    """Wait for dstk to exit non-zero and every process of the run to be gone; return dstk's output."""
+    import time
+
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 30
+    while _processes_of(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_of(out) == []
+    return output
+
+
+def test_sigterm_to_dstk_stops_the_launcher_and_every_worker(training):
+    """A scheduler's SIGTERM reaches only dstk; no worker may go on training without it."""
+    import signal
+
+    proc, out, _ = training
+    proc.send_signal(signal.SIGTERM)
+    assert "resume=auto" in _stops_whole(proc, out)
+
+
+def test_a_dead_rank_stops_the_job_and_the_last_checkpoint_survives(training):
+    from toolkit import checkpoint
+
+    proc, out, workers = training
+    workers[1].kill()  # SIGKILL: an out-of-memory kill, a node failure
+    output = _stops_whole(proc, out)
+    assert "resume=auto" in output
+    resumable = checkpoint.newest_complete(out / "checkpoints")
+    assert resumable is not None and checkpoint.verify(resumable) is None
