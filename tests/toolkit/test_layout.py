@@ -44,3 +44,11 @@ def test_lora_target_modules_the_model_lacks_are_refused():
         _describe("lora.enabled=true", "lora.target_modules=[c_attn]")  # GPT-2's name, not LLaMA's
     _describe("lora.enabled=true", "lora.target_modules=all-linear")
     _describe("model=tiny-gpt2", "lora.enabled=true")  # peft's per-family default: c_attn
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused_before_workers(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path)  # encoder-decoder
+    with pytest.raises(UserError, match="model type 't5' is not a causal language model"):
+        _describe(f"model={tmp_path}")

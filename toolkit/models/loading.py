@@ -44,11 +44,19 @@ def resolve_model(spec: str) -> ModelRef:
 
 
 def empty_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The causal LM of ``config`` on the ``meta`` device: its structure and sizes, without memory."""
+    """The causal LM of ``config`` on the ``meta`` device: its structure and sizes, without memory.
+
+    Raises:
+        UserError: transformers has no causal-LM class for the config (e.g. an encoder model).
+    """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise UserError(f"model type {config.model_type!r} is not a causal language model: "
+                        f"{str(err).splitlines()[0]}", "pass a decoder-only causal LM") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
