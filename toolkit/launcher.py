@@ -48,12 +48,33 @@ def launch(recipe: Recipe) -> int:
     run = prepare(recipe)
     if "pipeline" in run["parallel"]:
         print(run["parallel"]["pipeline"]["summary"], flush=True)
+    for warning in stale_extension_locks():
+        print(f"dstk: warning: {warning}", file=sys.stderr, flush=True)
     run_dir = RunDir(Path(recipe.output_dir))
     port = recipe.parallel.master_port or free_port()
     # its own session: the launcher and its workers form one process group that dstk can stop whole
     launcher = subprocess.Popen(command(recipe, run_dir.recipe, port), env=worker_env(recipe),
                                 start_new_session=True)
     return wait_stopping_on_signals(launcher)
+
+
+def stale_extension_locks(max_age_s: float = 900) -> list[str]:
+    """Warnings for torch-extension build locks old enough to have been left by a killed job.
+
+    DeepSpeed compiles and loads its ops through torch's extension cache, which holds a ``lock``
+    file while it does; a process killed meanwhile leaves it behind, and from then on every job
+    waits for it forever, silently, before its first step. A real build takes a minute or two.
+    """
+    import time
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    warnings = []
+    for lock in sorted(root.glob("**/lock")):
+        age = time.time() - lock.stat().st_mtime
+        if age > max_age_s:
+            warnings.append(f"{lock} is {age / 60:.0f} minutes old; unless a DeepSpeed op is being built right "
+                            "now, a killed job left it and the workers will hang at start-up: delete it")
+    return warnings
 
 
 def wait_stopping_on_signals(launcher: subprocess.Popen) -> int:

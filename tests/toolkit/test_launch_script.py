@@ -33,3 +33,4 @@ def test_launch_script_trains_zero3_bf16_and_every_rank_exits_cleanly(tmp_path):
                                "-o", str(tmp_path / "int8")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (tmp_path / "int8" / "export.json").is_file()
+
