@@ -11,6 +11,7 @@ seed and its module's name in the HF model, so that every layout starts from the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable
@@ -87,9 +88,7 @@ def adapt_pipeline(module, lora: LoraConfig, base: str, seed: int):
     here = [name for name, _ in module.named_modules() if _hf_name_or_none(module, name) in wanted]
     config = peft_config(lora, base)
     if here:  # a stage may hold only layers without adapters (an embedding, a head)
-        stage_config = peft_config(lora, base)
-        stage_config.target_modules = here
-        inject_adapter_in_model(stage_config, module)
+        inject_adapter_in_model(dataclasses.replace(config, target_modules=here), module)
     module.peft_config = config  # what consolidation writes as adapter_config.json
     for name, param in module.named_parameters():
         param.requires_grad = ".lora_" in name
