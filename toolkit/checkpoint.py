@@ -166,7 +166,7 @@ def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> P
 
     from toolkit.models import lora
 
-    adapted = lora.is_adapted(engine.module)
+    adapted = _frozen_base(engine)
     if isinstance(engine, PipelineEngine):
         state = None
         dist.barrier()  # every stage's layer files are on disk

@@ -72,13 +72,14 @@ def parameter_counts(recipe: Recipe, config) -> dict[str, int]:
     Raises:
         UserError: LoRA target modules the model does not have.
     """
-    from toolkit.models.loading import empty_model
-
-    model = empty_model(config, recipe.trust_remote_code)
-    total = sum(p.numel() for p in model.parameters())
     if not recipe.lora.enabled:
-        return {"total": total, "trainable": total}
-    from toolkit.models.lora import add_adapters
+        from toolkit.models.loading import empty_model
 
-    adapted = add_adapters(model, recipe.lora, base=None, seed=0)
-    return {"total": total, "trainable": sum(p.numel() for p in adapted.parameters() if p.requires_grad)}
+        total = sum(p.numel() for p in empty_model(config, recipe.trust_remote_code).parameters())
+        return {"total": total, "trainable": total}
+    from toolkit.models.lora import empty_adapted
+
+    params = list(empty_adapted(config, recipe.lora, recipe.trust_remote_code).parameters())
+    # the model's own parameters are frozen, only the adapters train
+    return {"total": sum(p.numel() for p in params if not p.requires_grad),
+            "trainable": sum(p.numel() for p in params if p.requires_grad)}

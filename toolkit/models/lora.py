@@ -135,10 +135,19 @@ def adapted_modules(config, lora: LoraConfig) -> set[str]:
     """
     from peft.tuners.lora import LoraLayer
 
+    adapted = empty_adapted(config, lora)
+    return {name.removeprefix(PEFT_PREFIX) for name, m in adapted.named_modules() if isinstance(m, LoraLayer)}
+
+
+def empty_adapted(config, lora: LoraConfig, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The peft model of ``config`` with the recipe's adapters, on the ``meta`` device (no memory).
+
+    Raises:
+        UserError: the target modules name nothing the model has.
+    """
     from toolkit.models.loading import empty_model
 
-    adapted = add_adapters(empty_model(config), lora, base=None, seed=0)
-    return {name.removeprefix(PEFT_PREFIX) for name, m in adapted.named_modules() if isinstance(m, LoraLayer)}
+    return add_adapters(empty_model(config, trust_remote_code), lora, base=None, seed=0)
 
 
 def base_reference(path: str) -> str:

@@ -41,12 +41,7 @@ def consolidate(checkpoint_dir: str | Path, config, output_dir: str | Path | Non
     if output_dir is not None and dist.is_initialized() and dist.get_rank() != 0:
         raise RuntimeError(f"consolidate(output_dir=...) on rank {dist.get_rank()}: "
                            "save_pretrained writes only on global rank 0, call it there")
-    if isinstance(config, (str, Path)):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(config)
-    folder = _tag_folder(Path(checkpoint_dir), tag)
-    model = meta_model(config)
+    folder, model = _open(checkpoint_dir, config, tag)
     state = _hf_state(folder, model)
     expected = model.state_dict(keep_vars=True)
     missing = expected.keys() - state.keys() - _tied_duplicates(expected)
@@ -69,15 +64,20 @@ def consolidate_adapter(checkpoint_dir: str | Path, config, *, tag: str | None =
     Raises:
         UserError: No checkpoint, a missing layer file, or no adapter weights in it.
     """
+    folder, model = _open(checkpoint_dir, config, tag)
+    state = {key: tensor for key, tensor in _hf_state(folder, model).items() if ".lora_" in key}
+    if not state:
+        raise UserError(f"checkpoint {folder} holds no LoRA adapter weights", "was it saved by a LoRA run?")
+    return state
+
+
+def _open(checkpoint_dir: str | Path, config, tag: str | None):
+    """The checkpoint's tag folder and the meta-device model of ``config`` (a config or its directory)."""
     if isinstance(config, (str, Path)):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(config)
-    folder = _tag_folder(Path(checkpoint_dir), tag)
-    state = {key: tensor for key, tensor in _hf_state(folder, meta_model(config)).items() if ".lora_" in key}
-    if not state:
-        raise UserError(f"checkpoint {folder} holds no LoRA adapter weights", "was it saved by a LoRA run?")
-    return state
+    return _tag_folder(Path(checkpoint_dir), tag), meta_model(config)
 
 
 def _hf_state(folder: Path, model) -> dict[str, torch.Tensor]:
