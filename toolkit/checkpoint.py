@@ -38,31 +38,140 @@ def _frozen_base(engine) -> bool:
     return is_adapted(engine.module)
 
 
-def save(engine, folder: Path, step: int) -> Path:
+def save(engine, folder: Path, step: int, metrics: dict | None = None, keep_last: int = 0,
+         keep_best: int = 0) -> Path:
     """Save a DeepSpeed checkpoint of ``step`` crash-safely (a collective call on every rank).
 
-    A LoRA run saves its adapters and their optimizer state only: the frozen base is the model
-    the run started from, reloaded from there on resume.
+    ``metrics`` (the step's loss and eval loss) go into the manifest, for listing and keep-best;
+    then older checkpoints are pruned (:func:`prune`). A LoRA run saves its adapters and their
+    optimizer state only: the frozen base is the model the run started from, reloaded from there
+    on resume.
     """
     name = tag(step)
     staging = f".{name}.partial"
     if dist.get_rank() == 0:
-        shutil.rmtree(folder / staging, ignore_errors=True)  # left by a run killed while saving
+        for left in folder.glob(".step_*.partial"):  # left by a run killed while saving
+            shutil.rmtree(left, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(folder), tag=staging, client_state={"step": step}, save_latest=False,
                            exclude_frozen_parameters=_frozen_base(engine))
+    _save_rng_state(folder / staging)
     dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
-        write_manifest(folder / staging, step)
+        write_manifest(folder / staging, step, metrics or {})
         shutil.rmtree(folder / name, ignore_errors=True)  # an older save of this step (after a rollback)
         (folder / staging).rename(folder / name)
         _fsync_dir(folder)
         point_latest(folder, name)
+        prune(folder, keep_last, keep_best)
     dist.barrier()
     return folder / name
 
 
-def write_manifest(checkpoint: Path, step: int) -> None:
+def _rng_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"rng_state_rank{rank:05d}.pt"
+
+
+def _save_rng_state(checkpoint: Path) -> None:
+    """This rank's random generators (dropout draws), which DeepSpeed's checkpoint does not hold."""
+    import random
+
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    torch.save(state, _rng_file(checkpoint, dist.get_rank()))
+
+
+def _load_rng_state(checkpoint: Path) -> None:
+    import random
+
+    import torch
+
+    path = _rng_file(checkpoint, dist.get_rank())
+    if not path.is_file():  # saved by another number of ranks, or before dstk saved RNG states
+        log.warning("%s has no random state for rank %d: dropout draws will differ from the "
+                    "uninterrupted run", checkpoint, dist.get_rank())
+        return
+    state = torch.load(path, weights_only=True)  # tensors and plain values only, never code
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def prune(folder: Path, keep_last: int, keep_best: int) -> list[Path]:
+    """Delete checkpoints outside the keep policy; return them.
+
+    With ``keep_last`` N > 0 the newest N checkpoints up to the one ``latest`` names are kept, plus
+    the ``keep_best`` ones of lowest eval loss; checkpoints after ``latest`` (left by a rollback)
+    and incomplete ones are left alone. ``keep_last`` 0 keeps everything.
+    """
+    if not keep_last:
+        return []
+    current = (folder / LATEST).read_text().strip()
+    # judged by their manifests, not re-hashed: hashing every checkpoint at every save costs too much
+    listed = [entry for entry in list_checkpoints(folder, hashes=False) if entry["state"] == "complete"]
+    earlier = [entry for entry in listed if entry["name"] <= current]
+    keep = {current} | {entry["name"] for entry in earlier[-keep_last:]}
+    ranked = sorted((entry for entry in listed if entry["eval_loss"] is not None), key=lambda e: e["eval_loss"])
+    keep |= {entry["name"] for entry in ranked[:keep_best]}
+    removed = [folder / entry["name"] for entry in earlier if entry["name"] not in keep]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def list_checkpoints(folder: Path, hashes: bool = True) -> list[dict]:
+    """Every checkpoint folder in ``folder``, oldest first: step, metrics, size and whether it verifies.
+
+    Each entry: ``name``, ``step``, ``loss``, ``eval_loss``, ``bytes``, ``state`` (``complete``,
+    ``partial`` for an unfinished save, else why it does not verify) and ``latest``. Without
+    ``hashes`` a checkpoint with a readable manifest counts as complete.
+    """
+    latest = (folder / LATEST).read_text().strip() if (folder / LATEST).is_file() else None
+    entries = []
+    for path in sorted([*folder.glob("step_*"), *folder.glob(".step_*.partial")],
+                       key=lambda p: p.name.strip(".").removesuffix(".partial")):
+        partial = path.name.endswith(".partial")
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        metrics = manifest.get("metrics", {})
+        entries.append({
+            "name": path.name, "step": int(path.name.strip(".").removesuffix(".partial").removeprefix("step_")),
+            "loss": metrics.get("loss"), "eval_loss": metrics.get("eval_loss"),
+            "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
+            "state": "partial" if partial else (verify(path) if hashes else None if manifest else f"no readable {MANIFEST}")
+            or "complete", "latest": path.name == latest,
+        })
+    return entries
+
+
+def rollback(folder: Path, step: int) -> Path:
+    """Make checkpoint ``step`` the one ``resume=auto`` continues from; later ones are kept.
+
+    Raises:
+        UserError: there is no such checkpoint, or it does not verify.
+    """
+    from toolkit.errors import UserError
+
+    target = folder / tag(step)
+    if not target.is_dir():
+        steps = [entry["step"] for entry in list_checkpoints(folder) if entry["state"] == "complete"]
+        raise UserError(f"{folder}: no checkpoint of step {step}",
+                        f"complete checkpoints: {', '.join(map(str, steps)) or 'none'}")
+    problem = verify(target)
+    if problem is not None:
+        raise UserError(f"{target} is not a complete checkpoint: {problem}", "roll back to another step")
+    point_latest(folder, target.name)
+    return target
+
+
+def write_manifest(checkpoint: Path, step: int, metrics: dict) -> None:
     """List every file of ``checkpoint`` with its size and sha256, flushing each to disk first."""
     from toolkit.rundir import sha256_file
 
@@ -71,7 +180,7 @@ def write_manifest(checkpoint: Path, step: int) -> None:
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
         files[str(path.relative_to(checkpoint))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    _write_atomically(checkpoint / MANIFEST, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    _write_atomically(checkpoint / MANIFEST, json.dumps({"step": step, "metrics": metrics, "files": files}, indent=1) + "\n")
 
 
 def point_latest(folder: Path, name: str) -> None:
@@ -119,8 +228,9 @@ def newest_complete(folder: Path) -> Path | None:
 def resume(engine, folder: Path) -> int:
     """Load the newest complete checkpoint in ``folder`` into ``engine``; return its step (0 if none).
 
-    Model, optimizer and LR schedule come back through DeepSpeed; the data position is the step
-    itself, since batches are a pure function of the step (``toolkit.data.batches``).
+    Model, optimizer and LR schedule come back through DeepSpeed, each rank's random generators
+    from its own file; the data position is the step itself, since batches are a pure function of
+    the step (``toolkit.data.batches``).
     """
     chosen = [newest_complete(folder) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(chosen, src=0)  # one rank judges, so all load the same one
@@ -129,6 +239,7 @@ def resume(engine, folder: Path) -> int:
     path, client_state = engine.load_checkpoint(str(folder), tag=chosen[0].name,
                                                 load_module_strict=not _frozen_base(engine))
     step = int(client_state["step"])
+    _load_rng_state(chosen[0])
     if dist.get_rank() == 0:
         log.warning("resumed from %s at step %d", path, step)
     return step

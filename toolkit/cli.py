@@ -12,7 +12,8 @@ import sys
 
 from toolkit.errors import UserError
 
-SUBCOMMANDS = ("train", "audit", "export", "eval", "generate", "env")
+# the modules of toolkit.commands; `checkpoints` registers `dstk rollback` too
+COMMAND_MODULES = ("train", "verify", "audit", "checkpoints", "export", "eval", "generate", "env")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dstk", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in SUBCOMMANDS:
+    for name in COMMAND_MODULES:
         importlib.import_module(f"toolkit.commands.{name}").register(subparsers)
     return parser
 

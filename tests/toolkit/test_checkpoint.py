@@ -11,12 +11,12 @@ import pytest
 from toolkit import checkpoint
 
 
-def _checkpoint(folder, step, payload=b"weights"):
+def _checkpoint(folder, step, payload=b"weights", eval_loss=None):
     path = folder / checkpoint.tag(step)
     (path / "sub").mkdir(parents=True)
     (path / "mp_rank_00_model_states.pt").write_bytes(payload)
     (path / "sub" / "optim.pt").write_bytes(payload * 2)
-    checkpoint.write_manifest(path, step)
+    checkpoint.write_manifest(path, step, {"loss": 1.0 / step, "eval_loss": eval_loss})
     checkpoint.point_latest(folder, path.name)
     return path
 
@@ -63,3 +63,51 @@ def test_rolled_back_latest_wins_over_newer_checkpoints(folder):
 def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):
     (tmp_path / "step_000001").mkdir()
     assert checkpoint.newest_complete(tmp_path) is None
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.glob("step_*"))
+
+
+def test_keep_last_keeps_the_newest_and_the_best_by_eval_loss(tmp_path):
+    for step, eval_loss in [(2, 0.9), (4, 0.3), (6, 0.5), (8, 0.6), (10, 0.7)]:
+        _checkpoint(tmp_path, step, eval_loss=eval_loss)
+        checkpoint.prune(tmp_path, keep_last=2, keep_best=1)
+    assert _names(tmp_path) == ["step_000004", "step_000008", "step_000010"]
+
+
+def test_keep_last_zero_keeps_everything(folder):
+    assert checkpoint.prune(folder, keep_last=0, keep_best=0) == []
+    assert _names(folder) == ["step_000002", "step_000004"]
+
+
+def test_rollback_moves_latest_and_keeps_later_checkpoints(folder):
+    checkpoint.rollback(folder, 2)
+    assert (folder / "latest").read_text() == "step_000002" and _names(folder) == ["step_000002", "step_000004"]
+    # pruning after the rollback never deletes what comes after the resume point
+    _checkpoint(folder, 3)
+    checkpoint.point_latest(folder, "step_000003")
+    checkpoint.prune(folder, keep_last=1, keep_best=0)
+    assert _names(folder) == ["step_000003", "step_000004"]
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: None, "no checkpoint of step 7 (complete checkpoints: 2, 4)"),
+    (lambda f: (f / "step_000002" / "sub" / "optim.pt").write_bytes(b"x"), "is not a complete checkpoint"),
+])
+def test_rollback_to_a_missing_or_broken_checkpoint_is_refused(folder, damage, message):
+    from toolkit.errors import UserError
+
+    damage(folder)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        checkpoint.rollback(folder, 7 if "step 7" in message else 2)
+    assert (folder / "latest").read_text() == "step_000004"
+
+
+def test_listing_reports_metrics_size_and_state(folder):
+    (folder / ".step_000006.partial").mkdir()
+    (folder / "step_000004" / "sub" / "optim.pt").write_bytes(b"weightsweightX")
+    listed = {entry["step"]: entry for entry in checkpoint.list_checkpoints(folder)}
+    assert listed[2]["state"] == "complete" and listed[2]["loss"] == 0.5 and listed[2]["bytes"] > 21
+    assert "sha256" in listed[4]["state"] and listed[4]["latest"]
+    assert listed[6]["state"] == "partial"

@@ -1,0 +1,63 @@
+"""`dstk checkpoints RUN` and `dstk rollback RUN --to STEP`: a run's versioned checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    listing = subparsers.add_parser(
+        "checkpoints", help="list a run's checkpoints: step, loss, eval loss, size, verified",
+        description="List every checkpoint of a run directory with its step, loss, eval loss, size and "
+        "whether its manifest verifies (each file's size and sha256); `*` marks the resume point.")
+    listing.add_argument("run_dir", metavar="RUN", help="a dstk run directory")
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.set_defaults(run=run_list)
+    rollback = subparsers.add_parser(
+        "rollback", help="make an earlier checkpoint the one resume=auto continues from",
+        description="Point the run's `latest` at checkpoint STEP after verifying it; later checkpoints "
+        "are kept (a resumed run overwrites them as it reaches their steps).")
+    rollback.add_argument("run_dir", metavar="RUN", help="a dstk run directory")
+    rollback.add_argument("--to", type=int, required=True, metavar="STEP", help="the checkpoint's step")
+    rollback.set_defaults(run=run_rollback)
+
+
+def _checkpoints(run_dir: str) -> Path:
+    from toolkit.errors import UserError
+    from toolkit.rundir import RunDir
+
+    run = RunDir(Path(run_dir))
+    if not run.run_json.is_file():
+        raise UserError(f"{run_dir} is not a dstk run directory (no run.json)", "give the run's output_dir")
+    if not run.checkpoints.is_dir():
+        raise UserError(f"{run_dir} has no checkpoints yet", "they appear at train.save_steps and at the end")
+    return run.checkpoints
+
+
+def run_list(args) -> int:
+    from toolkit.checkpoint import list_checkpoints
+
+    entries = list_checkpoints(_checkpoints(args.run_dir))
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    print(f"  {'step':>8}  {'loss':>8}  {'eval loss':>9}  {'size':>10}  state")
+    for entry in entries:
+        print(f"{'*' if entry['latest'] else ' '} {entry['step']:>8}  {number(entry['loss']):>8}  "
+              f"{number(entry['eval_loss']):>9}  {entry['bytes'] / 2**20:>7.1f} MiB  {entry['state']}")
+    return 0
+
+
+def run_rollback(args) -> int:
+    from toolkit import checkpoint
+    from toolkit.rundir import RunDir
+
+    target = checkpoint.rollback(_checkpoints(args.run_dir), args.to)
+    print(f"dstk rollback: {target} is the resume point; continue with: "
+          f"dstk train {RunDir(Path(args.run_dir)).recipe} resume=auto")
+    return 0
