@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from toolkit.data import IGNORE, EncodedSet, GlobalBatches, collate, eval_shards
+from toolkit.data.packing import pack
 from toolkit.metrics import MetricsLogger
 
 
@@ -58,6 +59,8 @@ class Trainer:
         train, evalset: the encoded sets.
         pad_id: the tokenizer's padding id.
         logger: metrics on rank 0.
+        pack_to: pack each training micro-batch into rows of this many tokens (None: pad it);
+            see ``toolkit.data.packing``. Evaluation always pads.
         replicas: ranks that compute each data-parallel share identically (the tensor-parallel
             degree); sums over all ranks are divided by it.
     """
@@ -66,18 +69,36 @@ class Trainer:
     pad_to: int | None = None
 
     def __init__(self, engine, batches: GlobalBatches, train: EncodedSet, evalset: EncodedSet | None,
-                 pad_id: int, logger: MetricsLogger, replicas: int = 1):
+                 pad_id: int, logger: MetricsLogger, replicas: int = 1, pack_to: int | None = None):
         self.engine, self.batches, self.train, self.evalset = engine, batches, train, evalset
-        self.pad_id, self.logger, self.replicas = pad_id, logger, replicas
+        self.pad_id, self.logger, self.replicas, self.pack_to = pad_id, logger, replicas, pack_to
+        # DeepSpeed reports the global gradient norm from its ZeRO and bf16 optimizers, not from
+        # plain fp32 data parallelism, where every rank holds the whole averaged gradient after
+        # backward: there it is taken by hand (a tensor, read only when a line is logged)
+        self._norm_by_hand = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+                              and engine.autotp_size() <= 1)  # 0 when AutoTP is off
+        self._own_norm = None
+
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm before clipping (None where it is not known)."""
+        norm = self._own_norm if self._norm_by_hand else self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     def _collate(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
         return collate(data, indices, self.pad_id, width=self.pad_to)
 
+    def _train_batch(self, indices) -> dict[str, torch.Tensor]:
+        if self.pack_to is None:
+            return self._collate(self.train, indices)
+        dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        return pack(self.train, indices, self.pad_id, self.pack_to, dtype=dtype)
+
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Next-token logits of a micro-batch (None on ranks that do not compute them)."""
         device = self.engine.device
+        extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
         return self.engine(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
+                           attention_mask=batch["attention_mask"].to(device), use_cache=False, **extra).logits
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns this rank's share of the step loss (see :meth:`step_loss`)."""
@@ -85,12 +106,15 @@ class Trainer:
         share = torch.zeros((), device=self.engine.device)
         tokens = max(1, self.batches.target_tokens(step))
         for indices in self.batches.micro_batches(step):
-            batch = self._collate(self.train, indices)
+            batch = self._train_batch(indices)
             loss, _ = token_losses(self._logits(batch), batch["labels"].to(self.engine.device))
             micro = loss.sum() / tokens
             # DeepSpeed divides by grad_accum and averages over data-parallel ranks; undo both so
             # the gradient is that of the token mean over the whole global batch
             self.engine.backward(micro * self.batches.dp * self.batches.gas)
+            if self._norm_by_hand and self.engine.is_gradient_accumulation_boundary():
+                self._own_norm = torch.linalg.vector_norm(torch.stack(
+                    [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]))
             self.engine.step()
             share += micro.detach()
         return share
@@ -124,35 +148,84 @@ class Trainer:
         loss_sum, tokens, correct, records = (sums / self.replicas).tolist()
         return EvalResult(loss_sum / max(tokens, 1), correct / max(records, 1), int(records))
 
-    def fit(self, start: int, max_steps: int, eval_steps: int, save_steps: int, log_steps: int,
-            save) -> list[dict]:
-        """Train from step ``start`` to ``max_steps``; ``save(step)`` is called at save points.
+    def fit(self, start: int, train, save, rollback) -> list[dict]:
+        """Train from step ``start`` to ``train.max_steps`` (a recipe's ``train`` section).
+
+        ``save(step, metrics)`` is called at checkpoint steps; ``rollback()`` reloads the last
+        complete checkpoint and returns its step (0 if there is none), for the divergence guard.
 
         Returns:
             The metrics lines written, eval lines included.
+
+        Raises:
+            Diverged: the loss diverged and ``train.divergence`` says stop (or skips ran out).
         """
+        from toolkit.divergence import DivergenceGuard
+
+        policy = train.divergence
+        guard = DivergenceGuard(policy.spike_factor, policy.window)
         lines: list[dict] = []
-        window_tokens, window_start = 0, time.perf_counter()
-        self.logger.open_progress(start, max_steps)
-        for step in range(start, max_steps):
+        skipped: set[int] = set()  # steps whose batches the guard dropped
+        last_check, window_tokens, window_start = start, 0, time.perf_counter()
+        self.logger.open_progress(start, train.max_steps)
+        step = start
+        while step < train.max_steps:
+            done = step + 1
+            if done in skipped:
+                self.logger.advance()
+                step = done
+                continue
             share = self.train_step(step)
             window_tokens += self.batches.tokens(step)
-            done = step + 1
-            if done % log_steps == 0 or done == max_steps:
+            checkpointing = bool(train.save_steps) and done % train.save_steps == 0 and done != train.max_steps
+            if done % train.log_steps == 0 or done == train.max_steps or checkpointing:
                 loss = self.step_loss(share)  # the only host sync of a step, on logging steps
+                reason = guard.check(loss) if policy.action != "off" else None
+                if reason is not None:
+                    lines.append(self.logger.log_event(step=done, event="divergence", reason=reason, bad_loss=str(loss),
+                                                       action=policy.action))
+                    step = self._recover(done, reason, loss, policy, skipped, last_check, rollback, lines)
+                    last_check, window_tokens, window_start = step, 0, time.perf_counter()
+                    self.logger.reset_progress(step)
+                    continue
+                last_check = done
                 elapsed = time.perf_counter() - window_start
                 lines.append(self.logger.log_step(
-                    step=done, loss=loss, lr=self.engine.get_lr()[0],
-                    tokens=self.batches.tokens(step), tokens_per_s=window_tokens / elapsed))
+                    step=done, loss=loss, lr=self.engine.get_lr()[0], tokens=self.batches.tokens(step),
+                    tokens_per_s=window_tokens / elapsed, grad_norm=self.grad_norm()))
                 window_tokens, window_start = 0, time.perf_counter()
             self.logger.advance()
-            if self.evalset is not None and eval_steps and done % eval_steps == 0 and done != max_steps:
-                lines.append(self.logger.log_eval(done, self.evaluate()))
-            if save_steps and done % save_steps == 0 and done != max_steps:
-                save(done)
+            metrics = {"loss": lines[-1]["loss"]} if checkpointing else {}
+            if self.evalset is not None and train.eval_steps and done % train.eval_steps == 0 \
+                    and done != train.max_steps:
+                lines.append(self.logger.log_eval(done, result := self.evaluate()))
+                metrics["eval_loss"] = result.loss
+            if checkpointing:
+                save(done, metrics)
+            step = done
         self.logger.close_progress()
         return lines
 
+    def _recover(self, done: int, reason: str, loss: float, policy, skipped: set[int], last_check: int,
+                 rollback, lines: list[dict]) -> int:
+        """Act on a divergence at step ``done``: raise (stop), or roll back and return the step to go on from."""
+        from toolkit.divergence import Diverged
+
+        why = f"the loss is {loss:.4g} at step {done} ({reason})"
+        fix = "lower train.lr or raise train.divergence.spike_factor, then continue with resume=auto"
+        if policy.action == "stop":
+            raise Diverged(f"{why}; the run stopped, its latest checkpoint predates the divergence", fix)
+        events = sum(1 for line in lines if line.get("event") == "divergence")
+        if events > policy.max_skips:
+            raise Diverged(f"{why}, divergence {events} after {policy.max_skips} skips; the run stopped", fix)
+        resumed = rollback()  # the newest complete checkpoint: saved at a checked step, before this one
+        if resumed == 0:
+            raise Diverged(f"{why}, and there is no checkpoint to roll back to; the run stopped",
+                           "set train.save_steps so that skip has a checkpoint to return to")
+        skipped.update(range(last_check + 1, done + 1))
+        lines.append(self.logger.log_event(step=done, event="rollback", to_step=resumed,
+                                           skipped=sorted(range(last_check + 1, done + 1))))
+        return resumed
 
 class PipelineTrainer(Trainer):
     """The same steps through DeepSpeed's pipeline engine (``train_batch`` / ``eval_batch``).

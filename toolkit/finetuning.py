@@ -154,11 +154,12 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
               f"({params['trainable'] / params['total']:.2%})", flush=True)
     pipeline = recipe.parallel.pipeline_stages > 1
     dp_rank = _data_parallel_rank(engine, recipe)
-    batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, recipe.data_parallel, dp_rank, t.seed)
+    batches = GlobalBatches(train, t.micro_batch_size, t.grad_accum, recipe.data_parallel, dp_rank, t.seed,
+                            group_by_length=t.group_by_length and not t.packing)
     logger = MetricsLogger(run_dir.metrics, rank)
     common = dict(pad_id=tokenizer.pad_token_id, logger=logger, replicas=recipe.parallel.tensor_parallel)
     trainer = (PipelineTrainer(engine, batches, train, evalset, seq_len=t.seq_len, **common) if pipeline
-               else Trainer(engine, batches, train, evalset, **common))
+               else Trainer(engine, batches, train, evalset, pack_to=t.seq_len if t.packing else None, **common))
 
     start = checkpoint.resume(engine, run_dir.checkpoints) if recipe.resume == "auto" else 0
     if rank == 0:
@@ -166,12 +167,15 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     eval_before = trainer.evaluate() if evalset is not None and start == 0 else None
     if eval_before is not None:
         logger.log_eval(start, eval_before)
-    lines = trainer.fit(start, t.max_steps, t.eval_steps, t.save_steps, t.log_steps,
-                        save=lambda step: checkpoint.save(engine, run_dir.checkpoints, step))
+    def save(step: int, metrics: dict) -> None:
+        checkpoint.save(engine, run_dir.checkpoints, step, metrics, keep_last=t.keep_last, keep_best=t.keep_best)
+
+    lines = trainer.fit(start, t, save=save, rollback=lambda: checkpoint.resume(engine, run_dir.checkpoints))
     eval_after = trainer.evaluate() if evalset is not None else None
     if eval_after is not None:
         lines.append(logger.log_eval(t.max_steps, eval_after))
-    checkpoint.save(engine, run_dir.checkpoints, t.max_steps)
+    last_loss = next((line["loss"] for line in reversed(lines) if "loss" in line), None)
+    save(t.max_steps, {"loss": last_loss, "eval_loss": None if eval_after is None else eval_after.loss})
     checkpoint.consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, t.max_steps)
     if recipe.lora.merge and rank == 0:
         from toolkit.models.lora import merge

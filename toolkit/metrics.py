@@ -116,9 +116,18 @@ class MetricsLogger:
                 self.progress.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
         return line
 
-    def log_step(self, *, step: int, loss: float, lr: float, tokens: int, tokens_per_s: float) -> dict:
-        return self._write({"step": step, "loss": loss, "lr": lr, "tokens": tokens,
-                            "tokens_per_s": round(tokens_per_s, 1)})
+    def log_step(self, *, step: int, loss: float, lr: float, tokens: int, tokens_per_s: float,
+                 grad_norm: float | None = None) -> dict:
+        line = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": round(tokens_per_s, 1)}
+        if grad_norm is not None:
+            line["grad_norm"] = grad_norm
+        return self._write(line)
+
+    def log_event(self, *, step: int, event: str, **details) -> dict:
+        """A line for something that happened to the run (a divergence, a rollback)."""
+        if self.rank == 0:
+            print(f"dstk: step {step}: {event} {details}", file=sys.stderr, flush=True)
+        return self._write({"step": step, "event": event, **details})
 
     def log_eval(self, step: int, result) -> dict:
         return self._write({"step": step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
@@ -130,6 +139,11 @@ class MetricsLogger:
 
             self.progress = tqdm(total=total, initial=start, desc="train", unit="step",
                                  file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+
+    def reset_progress(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.n = step
+            self.progress.refresh()
 
     def advance(self) -> None:
         if self.progress is not None:

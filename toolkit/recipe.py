@@ -102,6 +102,23 @@ class ParallelConfig(_Strict):
     )
 
 
+class DivergenceConfig(_Strict):
+    action: Literal["stop", "skip", "off"] = Field(
+        "stop",
+        description="On a NaN/inf loss or a spike: `stop` the run (its `latest` checkpoint predates the "
+        "divergence; resume from it after a fix), `skip` (reload the last complete checkpoint in place, "
+        "drop the batches since the last good check and go on), or `off`. Checked on every step whose loss is "
+        "synced: logging steps (`train.log_steps`) and checkpoint steps.",
+    )
+    spike_factor: float = Field(
+        0.0, ge=0,
+        description="Also treat a loss above this many times the median of the last `window` checked "
+        "losses as a divergence (0: NaN/inf only).",
+    )
+    window: int = Field(10, ge=1, description="Checked losses the spike median is taken over.")
+    max_skips: int = Field(3, ge=1, description="With `skip`: stop after this many divergences.")
+
+
 class TrainConfig(_Strict):
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to run.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward pass.")
@@ -120,7 +137,15 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables.")
     seed: int = Field(1234, description="Seed for initialisation, data order and dropout.")
     packing: bool = Field(
-        False, description="Pack several samples per row, each attending only to itself."
+        False,
+        description="Pack each micro-batch's records into rows of `seq_len` tokens instead of padding "
+        "them, each record attending only to itself (block-diagonal mask, its own position ids): the "
+        "same records and loss per step, without the padding. Not with pipeline stages.",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="Without packing, cut each step's records into micro-batches of similar length, "
+        "so less padding is computed (the step's records and loss do not change).",
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="`bf16` mixed precision (fp32 master weights) or plain `fp32`."
@@ -130,6 +155,15 @@ class TrainConfig(_Strict):
     )
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps (0: only before and after).")
     log_steps: int = Field(10, ge=1, description="Write a metrics line (and sync the loss) every N steps.")
+    keep_last: int = Field(
+        0, ge=0, description="Keep only the newest N checkpoints (0: keep every one); `latest` is always kept."
+    )
+    keep_best: int = Field(
+        0, ge=0,
+        description="Also keep the N checkpoints with the lowest eval loss (needs `data.eval` and "
+        "`train.save_steps` a multiple of `train.eval_steps`).",
+    )
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
 
 
 class LoraConfig(_Strict):
@@ -213,8 +247,13 @@ class Recipe(_Strict):
         if p.offload == "cpu" and p.zero_stage < 2:
             problems.append("parallel.offload=cpu needs parallel.zero_stage 2 or 3")
         problems += self._lora_problems()
-        if t.packing:
-            problems.append("train.packing=true is not available in this version yet (set it to false)")
+        if t.keep_best and (self.data.eval is None or not t.eval_steps or not t.save_steps
+                            or t.save_steps % t.eval_steps):
+            problems.append("train.keep_best needs data.eval, train.eval_steps > 0 and train.save_steps a "
+                            "multiple of it (a checkpoint is ranked by the eval loss at its own step)")
+        if t.packing and p.pipeline_stages > 1:
+            problems.append("train.packing=true cannot run with pipeline_stages > 1: DeepSpeed's pipeline "
+                            "engine needs every micro-batch in one shape, and packed ones vary")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -281,10 +320,50 @@ def load_recipe(source: str | Path | None = None, overrides: list[str] | None = 
     data.setdefault("name", name)
     data.setdefault("output_dir", f"runs/{data['name']}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise UserError(f"invalid recipe {origin}: " + "; ".join(_describe(e) for e in err.errors()),
                         "fix the recipe or the key=value override") from None
+    _refuse_secrets(recipe, origin)
+    return recipe
+
+
+_URL_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+
+
+def _refuse_secrets(recipe: Recipe, origin: str) -> None:
+    """A recipe is copied into the run directory, run.json and logs, so it must not hold credentials."""
+    from data_checks.pii import find
+
+    values = [(key, value) for key, value in _flat(recipe.to_dict()) if isinstance(value, str)]
+    found = [(values[i][0], f"{kind} {masked}") for i, kind, masked in
+             find([value for _, value in values], ["api_key", "private_key"])]
+    found += [(key, "credentials in a URL") for key, value in values if _URL_CREDENTIALS.search(value)]
+    if found:
+        key, what = found[0]
+        raise UserError(f"recipe {origin}: `{key}` holds a secret ({what}); recipes are copied into the run "
+                        "directory and its logs", "pass credentials through the environment (HF_TOKEN, "
+                        "AWS_*), which dstk never records")
+
+
+def _flat(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def with_values(recipe: Recipe, changes: dict[str, Any]) -> Recipe:
+    """A copy of ``recipe`` with dotted keys set (``{"train.max_steps": 5}``), validated again."""
+    data = recipe.to_dict()
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return Recipe.model_validate(data)
 
 
 def _read_source(source: str | Path | None) -> tuple[str, dict, str]:

@@ -25,6 +25,9 @@ TWO_RANK_LAYOUTS = {
     "zero1": "parallel.zero_stage=1,train.grad_accum=1",
     "zero2": "parallel.zero_stage=2,train.grad_accum=1",
     "zero3": "parallel.zero_stage=3,train.grad_accum=1",
+    # packed rows (room for 3-4 records each; none is longer than 32 tokens): the same records
+    # per step, so the same losses as the padded reference
+    "zero2_packed": "parallel.zero_stage=2,train.grad_accum=1,train.packing=true,train.seq_len=96",
     "pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2,train.grad_accum=2,train.save_steps=3",
     "pipe2_tied": "model=tiny-qwen2,parallel.zero_stage=1,parallel.pipeline_stages=2,train.grad_accum=2",
     "tp2": "parallel.zero_stage=1,parallel.tensor_parallel=2,train.grad_accum=2",

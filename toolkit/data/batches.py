@@ -4,7 +4,8 @@ Step ``s`` uses a fixed set of ``micro_batch_size x grad_accum x data_parallel``
 micro-batches numbered ``k``. Rank ``r`` runs micro-batch ``k = j x data_parallel + r`` at
 accumulation step ``j``, so one rank with 2 accumulation steps and two ranks with 1 see the same
 micro-batches: losses match across layouts, and the data position after step ``s`` is just ``s``,
-which makes resume exact without saving any loader state.
+which makes resume exact without saving any loader state. Grouping by length reorders records
+inside a step only, so it keeps both properties.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class GlobalBatches:
     """Which records each rank uses at each step, and the token counts of the whole step."""
 
     def __init__(self, data: EncodedSet, micro_batch_size: int, grad_accum: int,
-                 data_parallel: int, rank: int, seed: int):
+                 data_parallel: int, rank: int, seed: int, group_by_length: bool = False):
         self.data, self.mbs, self.gas = data, micro_batch_size, grad_accum
-        self.dp, self.rank, self.seed = data_parallel, rank, seed
+        self.dp, self.rank, self.seed, self.group_by_length = data_parallel, rank, seed, group_by_length
         self.global_size = micro_batch_size * grad_accum * data_parallel
         self.steps_per_epoch = len(data) // self.global_size
         if self.steps_per_epoch == 0:
@@ -59,7 +60,12 @@ class GlobalBatches:
 
     def micro_batches(self, step: int) -> list[np.ndarray]:
         """This rank's ``grad_accum`` micro-batches (record indices) for ``step``."""
-        records = self._step_records(step).reshape(-1, self.mbs)  # (micro-batches, mbs)
+        records = self._step_records(step)
+        if self.group_by_length:
+            # neighbours in length share a micro-batch, and micro-batches that run at the same
+            # time on different ranks (k = j x dp + r) are close in length too
+            records = records[np.argsort(self.data.lengths[records], kind="stable")]
+        records = records.reshape(-1, self.mbs)  # (micro-batches, mbs)
         return [records[j * self.dp + self.rank] for j in range(self.gas)]
 
     def target_tokens(self, step: int) -> int:

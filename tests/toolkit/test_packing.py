@@ -1,0 +1,82 @@
+"""Packed rows give every record the logits and loss it gets alone (1e-5), for each family and
+attention implementation; the block mask, not position ids, is what keeps records apart."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from toolkit.data import IGNORE, EncodedSet, collate
+from toolkit.data.packing import pack, plan_rows
+from toolkit.engine import token_losses
+from toolkit.models.presets import preset_config
+
+LENGTHS = [9, 23, 5, 17, 12, 30, 3]
+
+
+@pytest.fixture(scope="module")
+def records():
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(5, 90, n).tolist() for n in LENGTHS]
+    labels = [[IGNORE] * (n // 3) + row[n // 3:] for n, row in zip(LENGTHS, ids)]  # a prompt, then targets
+    return EncodedSet(ids, labels)
+
+
+def _model(preset: str, attention: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(preset_config(preset), attn_implementation=attention).eval()
+
+
+def test_rows_hold_every_record_once_within_the_width():
+    rows = plan_rows(np.array(LENGTHS), 32)
+    assert sorted(p for row in rows for p in row) == list(range(len(LENGTHS)))
+    assert all(sum(LENGTHS[p] for p in row) <= 32 for row in rows) and len(rows) == 4  # 99 tokens
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox", "tiny-phi"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_logits_and_loss_equal_each_record_alone(records, preset, attention):
+    model = _model(preset, attention)
+    packed = pack(records, np.arange(len(LENGTHS)), pad_id=0, width=32)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                       position_ids=packed["position_ids"]).logits
+        loss_sum = token_losses(logits, packed["labels"])[0].sum()
+        alone_sum = 0.0
+        for r, ids in enumerate(records.input_ids):
+            alone = model(input_ids=torch.tensor([ids])).logits[0]
+            row, start = _where(packed, ids)
+            torch.testing.assert_close(logits[row, start:start + len(ids)], alone, rtol=1e-5, atol=1e-5)
+            alone_sum += token_losses(alone[None], torch.tensor([records.labels[r]]))[0].sum()
+    torch.testing.assert_close(loss_sum, alone_sum, rtol=1e-5, atol=1e-5)
+
+
+def test_position_ids_alone_leak_between_records(records):
+    """Why the mask is there: without it a packed record sees the one before it."""
+    model = _model("tiny-llama", "sdpa")
+    packed = pack(records, np.arange(len(LENGTHS)), pad_id=0, width=32)
+    with torch.no_grad():
+        leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+        # a record that shares its row with one before it
+        ids = next(ids for ids in records.input_ids if _where(packed, ids)[1] > 0)
+        row, start = _where(packed, ids)
+        alone = model(input_ids=torch.tensor([ids])).logits[0]
+    assert (leaky[row, start:start + len(ids)] - alone).abs().max() > 1e-3
+
+
+def test_packing_keeps_the_padded_batch_targets(records):
+    indices = np.arange(len(LENGTHS))
+    packed, padded = pack(records, indices, pad_id=0, width=32), collate(records, indices, pad_id=0)
+    assert int((packed["labels"][:, 1:] != IGNORE).sum()) == int((padded["labels"][:, 1:] != IGNORE).sum())
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+
+
+def _where(packed, ids):
+    """Row and start of a record's tokens in the packed batch."""
+    ids = torch.tensor(ids)
+    for row in range(packed["input_ids"].shape[0]):
+        starts = (packed["position_ids"][row] == 0).nonzero().flatten().tolist()
+        for start in starts:
+            if torch.equal(packed["input_ids"][row, start:start + len(ids)], ids):
+                return row, start
+    raise AssertionError("record not found")
