@@ -151,8 +151,29 @@ def load_source(spec: DataSpec, role: Role, name: str) -> Source:
     if len(builders) != 1 or None in builders:
         raise AuditInputError(f"{role} data {spec.path}: cannot read {files[0].name!r} and the files "
                               "beside it as one set: use one format (JSONL, JSON, CSV, TSV, Parquet, TXT)")
-    dataset, rows, problems = _load_files(files, builders.pop(), role)
+    builder = builders.pop()
+    if builder in _LINE_BUILDERS:
+        _check_record_sizes(files, role)
+    dataset, rows, problems = _load_files(files, builder, role)
     return _checked(Source(name, role, spec, "text", dataset, files, rows, problems))
+
+
+# One record per line in these formats, so a line is a record; a record this large is a broken
+# export or an attack, not training data (it would stall every check that reads it).
+_LINE_BUILDERS = {"csv", "text", "json"}
+MAX_RECORD_BYTES = 16 * 2**20
+
+
+def _check_record_sizes(files: list[Path], role: str) -> None:
+    for path in files:
+        if path.suffix.lower() in _COMPRESSIONS or path.stat().st_size <= MAX_RECORD_BYTES or _is_json_document(path):
+            continue
+        with open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if len(raw) > MAX_RECORD_BYTES:
+                    raise AuditInputError(
+                        f"{role} data {path} line {line_no} is a record of {len(raw) / 2**20:.1f} MiB; records over "
+                        f"{MAX_RECORD_BYTES // 2**20} MiB are refused: split it into several records or drop it")
 
 
 def data_files(path: str, role: str) -> list[Path]:
@@ -213,8 +234,36 @@ def _load_hub(spec: DataSpec, role: Role) -> datasets.Dataset:
                               "local path, or check the id and your network") from None
 
 
+def _invalid_utf8_at(path: Path) -> int | None:
+    """Byte offset of the first invalid UTF-8 in a plain-text file, or None if it is all valid."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                return offset + err.start
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        return offset + err.start
+    return None
+
+
 def _load_files(files: list[Path], builder: str, role: str):
     kwargs = {"sep": "\t"} if files[0].suffix.lower() == ".tsv" else {}
+    # pyarrow reads invalid UTF-8 into string columns without a word and fails later, on use
+    broken = {path: at for path in files if builder != "parquet" and path.suffix.lower() not in _COMPRESSIONS
+              and (at := _invalid_utf8_at(path)) is not None}
+    if broken and builder == "json":
+        return _read_json_lines(files, role)  # each bad line becomes a finding with its line number
+    if broken:
+        path, at = next(iter(broken.items()))
+        raise AuditInputError(f"{role} data {path}: invalid UTF-8 at byte {at}: save the file as UTF-8")
     try:
         dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
         return dataset, None, []

@@ -254,7 +254,8 @@ def _merge_adapter(src: ModelSource, into: Path, trust_remote_code: bool) -> Non
 
     from toolkit import inference
 
-    base = AutoModelForCausalLM.from_pretrained(src.model_dir, dtype="auto", trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(src.model_dir, dtype="auto", trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)
     PeftModel.from_pretrained(base, src.adapter_dir).merge_and_unload().save_pretrained(into)
     tokenizer_dir = src.adapter_dir if inference.has_tokenizer(src.adapter_dir) else src.model_dir
     if inference.has_tokenizer(tokenizer_dir):

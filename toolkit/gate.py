@@ -14,6 +14,10 @@ from toolkit.errors import AuditFailed, UserError
 from toolkit.recipe import Recipe
 
 
+# findings that mean a data file could not be read as written
+UNREADABLE = ("unreadable_row", "invalid_utf8")
+
+
 def _spec(recipe: Recipe, path: str, split: str) -> DataSpec:
     d = recipe.data
     return DataSpec(path=path, split=split, format=d.format, text_field=d.text_field,
@@ -33,7 +37,8 @@ def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Pat
         count_tokens: ``texts -> token lengths`` with the model's tokenizer, for the length check.
 
     Raises:
-        UserError: the data cannot be read or lacks the fields its format needs (exit 2).
+        UserError: the data cannot be read, has rows that cannot be (malformed JSON, invalid
+            UTF-8), or lacks the fields its format needs (exit 2).
         AuditFailed: findings at the failing severity (exit 1).
     """
     if not recipe.audit.enforce:
@@ -48,6 +53,10 @@ def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Pat
                        max_tokens=recipe.train.seq_len, count_tokens=count_tokens)
     except AuditInputError as err:
         raise UserError(str(err)) from None
+    unreadable = [f for f in report.findings if f.check in UNREADABLE]
+    if unreadable:  # the audit lists every bad row; training needs a file it can read whole
+        raise UserError(f"{unreadable[0].records[0]['split']} data: {unreadable[0].message}",
+                        "fix or drop that line; `dstk audit` lists every bad row")
     entry = {"verdict": report.verdict, "enforced": True, "report_sha256": report.sha256,
              "report": str(published_dir / "report.json"), "findings": len(report.findings)}
     if report.verdict != "pass":

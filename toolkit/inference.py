@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 
 from toolkit.data import IGNORE, EncodedSet, collate, encode, load_records
 from toolkit.errors import UserError
-from toolkit.model_dir import check_causal_lm
+from toolkit.models.loading import check_causal_lm, check_weights
 from toolkit.recipe import DataConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -95,6 +95,7 @@ def load(model_dir: str | Path, *, quantization_config=None, trust_remote_code: 
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: no such directory", "give a Hugging Face model directory")
     check_causal_lm(model_dir, trust_remote_code=trust_remote_code)
+    check_weights(model_dir)
     # One device for the whole model, never "auto": the same weights must land on the same device
     # in every process, or verification would compare two different placements.
     options = {"device_map": {"": 0}} if torch.cuda.is_available() else {}
@@ -103,7 +104,7 @@ def load(model_dir: str | Path, *, quantization_config=None, trust_remote_code: 
         # quantized directory's weights would then no longer fit its own layers.
         options["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", trust_remote_code=trust_remote_code, **options
+        model_dir, dtype="auto", trust_remote_code=trust_remote_code, use_safetensors=True, **options
     ).eval()
     tokenizer = None
     if has_tokenizer(model_dir):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.models.loading import check_causal_lm, check_weights
 from toolkit.rundir import RunDir, sha256_file
 
 ADAPTER_FILE = "adapter_config.json"
@@ -67,28 +68,8 @@ def resolve(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource
         kind = "run" if run_dir else "adapter"
         return ModelSource(Path(path), kind, base, adapter_dir=path, run_dir=run_dir)
     check_causal_lm(path, trust_remote_code=trust_remote_code)
+    check_weights(path)
     return ModelSource(path, "run" if run_dir else "model", path, run_dir=run_dir)
-
-
-def check_causal_lm(model_dir: Path, *, trust_remote_code: bool = False) -> None:
-    """Raise :class:`UserError` unless ``model_dir`` holds the config of a causal language model."""
-    config = _read_json(model_dir / "config.json", what="model config")
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    architectures = config.get("architectures") or []
-    if trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
-        return
-    if architectures and not causal_classes.intersection(architectures):
-        raise UserError(
-            f"{model_dir}: {', '.join(architectures)} is not a causal language model",
-            "dstk exports and runs decoder-only LMs (architectures ending in ForCausalLM or LMHeadModel)",
-        )
-    if not architectures and config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UserError(
-            f"{model_dir}: model_type {config.get('model_type')!r} has no causal-LM class in transformers",
-            "pass a decoder-only LM, or --trust-remote-code if its class ships with the model",
-        )
 
 
 def lineage(source: ModelSource) -> dict:

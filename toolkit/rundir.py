@@ -23,7 +23,7 @@ import yaml
 from toolkit import ds_config as ds_config_module
 from toolkit import layout
 from toolkit.data import builtin
-from toolkit.errors import UserError
+from toolkit.errors import AuditFailed, UserError
 from toolkit.gate import run_gate
 from toolkit.models.loading import resolve_model
 from toolkit.recipe import BUILTIN_PREFIX, Recipe
@@ -73,7 +73,7 @@ def prepare(recipe: Recipe) -> dict:
     existing = _existing_run(run_dir, recipe)
     if existing is not None:
         return existing
-    source = resolve_model(recipe.model)
+    source = resolve_model(recipe.model, recipe.trust_remote_code)
     config = ds_config_module.build(recipe)
     parallel = layout.describe(recipe, layout.model_config(recipe, source))
     data = {split: _resolve_data(recipe, split)
@@ -85,11 +85,10 @@ def prepare(recipe: Recipe) -> dict:
         try:
             audit_entry = run_gate(recipe, data["train"]["path"], data.get("eval", {}).get("path"),
                                    Path(staging), run_dir.audit, count_tokens=_token_counter(tokenizer))
-        finally:
-            if any(Path(staging).iterdir()):
-                run_dir.root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(run_dir.audit, ignore_errors=True)
-                shutil.copytree(staging, run_dir.audit)
+        except AuditFailed:
+            _publish(Path(staging), run_dir)
+            raise
+        _publish(Path(staging), run_dir)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     for entry in data.values():
         if entry["source"].startswith(BUILTIN_PREFIX):  # the run keeps its own copy of generated data
@@ -110,6 +109,7 @@ def prepare(recipe: Recipe) -> dict:
         "versions": versions(),
         "git_commit": _git_commit(),
         "model": {"source": source.kind, "name": source.name, "path": model_path},
+        "trust_remote_code": recipe.trust_remote_code,
         "lora": recipe.lora.model_dump(mode="json") if recipe.lora.enabled else None,
         "data": data,
         "audit": audit_entry,
@@ -118,6 +118,13 @@ def prepare(recipe: Recipe) -> dict:
     }
     run_dir.write_run(run)
     return run
+
+
+def _publish(report: Path, run_dir: RunDir) -> None:
+    if any(report.iterdir()):  # nothing when the gate is off
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir.audit, ignore_errors=True)
+        shutil.copytree(report, run_dir.audit)
 
 
 def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
@@ -132,9 +139,32 @@ def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
     if run.get("recipe_sha256") == recipe.sha256() and run.get("status") == "prepared":
         return run  # prepared by `dstk train` for these very workers
     if recipe.resume == "auto":
+        _check_resumable(run, recipe, run_dir)
         return None  # re-check data and audit, then continue from the newest checkpoint
     raise UserError(f"output_dir {run_dir.root} already holds a run ({run.get('status')})",
                     "pass resume=auto to continue it, or output_dir=NEW for a new run")
+
+
+# What a DeepSpeed checkpoint is tied to: its model, and the layout its shards were cut for.
+_CHECKPOINT_LAYOUT = ("nproc", "zero_stage", "pipeline_stages", "tensor_parallel")
+
+
+def _check_resumable(run: dict, recipe: Recipe, run_dir: RunDir) -> None:
+    """Refuse to resume checkpoints into another model or parallel layout than wrote them."""
+    if not any(run_dir.checkpoints.glob("step_*")):
+        return
+    model = resolve_model(recipe.model, recipe.trust_remote_code).name
+    if run.get("model", {}).get("name") not in (None, model):
+        raise UserError(f"output_dir {run_dir.root} holds checkpoints of model {run['model']['name']}, "
+                        f"not {model}", f"resume with model={run['model']['name']}, or use a new output_dir")
+    was = run.get("parallel", {})
+    now = {"nproc": recipe.parallel.nproc, "zero_stage": recipe.parallel.zero_stage,
+           "pipeline_stages": recipe.parallel.pipeline_stages, "tensor_parallel": recipe.parallel.tensor_parallel}
+    changed = [f"parallel.{key} {was[key]} -> {now[key]}" for key in _CHECKPOINT_LAYOUT if key in was and was[key] != now[key]]
+    if changed:
+        raise UserError(f"output_dir {run_dir.root} holds checkpoints sharded for another layout ({', '.join(changed)})",
+                        f"resume with the layout that wrote them, or start a new run from its model "
+                        f"(model={run_dir.final})")
 
 
 def _resolve_data(recipe: Recipe, split: str) -> dict:

@@ -50,5 +50,5 @@ def test_a_model_that_is_not_a_causal_lm_is_refused_before_workers(tmp_path):
     from transformers import T5Config
 
     T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path)  # encoder-decoder
-    with pytest.raises(UserError, match="model type 't5' is not a causal language model"):
+    with pytest.raises(UserError, match="model_type 't5' has no causal-LM class"):
         _describe(f"model={tmp_path}")

@@ -7,6 +7,7 @@ rank's memory can load; transformers does that inside ``from_pretrained`` while 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ class ModelRef:
     name: str
 
 
-def resolve_model(spec: str) -> ModelRef:
-    """Classify ``spec`` without loading it, failing early on a preset or path that cannot exist."""
+def resolve_model(spec: str, trust_remote_code: bool = False) -> ModelRef:
+    """Classify ``spec`` without loading it, failing early on a preset or path that cannot exist,
+    and on a local directory that is not a causal LM in safetensors."""
     if spec in PRESETS:
         return ModelRef("preset", spec)
     path = Path(spec).expanduser()
@@ -36,11 +38,81 @@ def resolve_model(spec: str) -> ModelRef:
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {path} has no config.json",
                             "point `model` at a directory saved with save_pretrained")
+        check_causal_lm(path, trust_remote_code=trust_remote_code)
+        check_weights(path)
         return ModelRef("local", str(path))
     if spec.startswith(("tiny-", ".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model {spec!r} is neither a built-in preset nor an existing directory",
                         f"presets: {', '.join(PRESETS)}")
     return ModelRef("hub", spec)
+
+
+def check_causal_lm(model_dir: Path, *, trust_remote_code: bool = False) -> None:
+    """Raise :class:`UserError` unless ``model_dir`` holds the config of a causal language model.
+
+    By the config's ``architectures``, not its ``model_type``: transformers maps encoders such as
+    BERT to a causal-LM class too, which would train an encoder as a decoder without complaint.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no config.json (model config)", "give a Hugging Face model directory or a dstk run")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})", "repair or regenerate the model config") from None
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = config.get("architectures") or []
+    if trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return
+    if architectures and not causal_classes.intersection(architectures):
+        raise UserError(
+            f"{model_dir}: {', '.join(architectures)} is not a causal language model",
+            "dstk trains, exports and runs decoder-only LMs (architectures ending in ForCausalLM or LMHeadModel)",
+        )
+    if not architectures and config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(
+            f"{model_dir}: model_type {config.get('model_type')!r} has no causal-LM class in transformers",
+            "pass a decoder-only LM, or --trust-remote-code if its class ships with the model",
+        )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(model_dir: Path) -> None:
+    """Refuse a model directory whose weights are pickles or whose safetensors files are cut short.
+
+    Unpickling a file can run arbitrary code, so dstk reads weights from safetensors only. A
+    safetensors file states its own length (an 8-byte header size, a JSON header, then tensor data
+    at the offsets the header lists), so truncation is found from the header alone.
+    """
+    import struct
+
+    model_dir = Path(model_dir)
+    tensors = sorted(model_dir.glob("*.safetensors"))
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not tensors and pickles:
+        raise UserError(f"model directory {model_dir} holds pickle weights only ({pickles[0]}); dstk loads "
+                        "safetensors only, since unpickling can run code",
+                        "convert it once where you trust the file: AutoModelForCausalLM.from_pretrained(DIR)"
+                        ".save_pretrained(NEW_DIR)")
+    for path in tensors:
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as handle:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                if header_len > size:
+                    raise ValueError("header size beyond the end of the file")
+                header = json.loads(handle.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, struct.error) as err:
+            raise UserError(f"{path} is not a readable safetensors file ({err})",
+                            "re-save or re-download the model") from None
+        if size != 8 + header_len + end:
+            raise UserError(f"{path} is truncated or corrupt: {size} bytes, its header describes "
+                            f"{8 + header_len + end}", "re-save or re-download the model")
 
 
 def empty_model(config, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -117,7 +189,8 @@ def load_for_training(path: str, ds_config: dict[str, Any], precision: str,
     keep_alive = HfDeepSpeedConfig(ds_config) if zero3 else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[precision], trust_remote_code=trust_remote_code, quantization_config=quantization
+            path, dtype=DTYPES[precision], trust_remote_code=trust_remote_code, quantization_config=quantization,
+            use_safetensors=True,
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model {path!r}: {str(err).splitlines()[0]}",
