@@ -110,7 +110,23 @@ def build(recipe: Recipe) -> dict[str, Any]:
         if found != wanted:
             raise UserError(f"the DeepSpeed config sets {key}={found} but the recipe asks for {wanted}",
                             "make them agree, or write \"auto\" in the config")
+    _prefer_torch_adam_on_cpu(config, p.offload)
     return config
+
+
+def _prefer_torch_adam_on_cpu(config: dict[str, Any], offload: str) -> None:
+    """Without an accelerator, train with torch's AdamW rather than DeepSpeed's CPU FusedAdam.
+
+    Both make the same decoupled-weight-decay Adam update, but FusedAdam is an op that DeepSpeed
+    compiles with g++ on first use (minutes, and a ``lock`` file that hangs every later job if the
+    build is killed). Offload keeps DeepSpeed's CPU Adam, which it requires; a config that sets
+    ``torch_adam`` itself is left as it is.
+    """
+    import torch
+
+    optimizer = config.get("optimizer", {})
+    if offload == "none" and not torch.cuda.is_available() and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
 
 
 def _fill_auto(node: dict[str, Any], values: dict[str, Any], prefix: str) -> None:
