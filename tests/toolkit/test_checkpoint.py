@@ -4,6 +4,7 @@ The runs' own checkpoints go through the same functions in the multi-rank tests 
 there verifies a real DeepSpeed checkpoint); these cases break checkpoints on purpose.
 """
 
+import json
 import logging
 
 import pytest
@@ -111,3 +112,21 @@ def test_listing_reports_metrics_size_and_state(folder):
     assert listed[2]["state"] == "complete" and listed[2]["loss"] == 0.5 and listed[2]["bytes"] > 21
     assert "sha256" in listed[4]["state"] and listed[4]["latest"]
     assert listed[6]["state"] == "partial"
+
+
+def test_cli_lists_checkpoints_and_rolls_back(folder, capsys):
+    from toolkit import cli
+
+    (folder / "run.json").write_text("{}")
+    (folder / "checkpoints").mkdir()
+    for name in ("step_000002", "step_000004", "latest"):
+        (folder / name).rename(folder / "checkpoints" / name)
+    assert cli.main(["checkpoints", str(folder)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split() == ["2", "0.5000", "-", "0.0", "MiB", "complete"]
+    assert rows[2].split()[:2] == ["*", "4"]
+    assert cli.main(["rollback", str(folder), "--to", "2"]) == 0
+    assert "resume=auto" in capsys.readouterr().out
+    assert (folder / "checkpoints" / "latest").read_text() == "step_000002"
+    assert cli.main(["checkpoints", str(folder), "--json"]) == 0
+    assert [entry["latest"] for entry in json.loads(capsys.readouterr().out)] == [True, False]

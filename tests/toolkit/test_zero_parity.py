@@ -24,7 +24,7 @@ TWO_RANK_LAYOUTS = {
     "zero0": "parallel.zero_stage=0,train.grad_accum=1",
     "zero1": "parallel.zero_stage=1,train.grad_accum=1",
     "zero2": "parallel.zero_stage=2,train.grad_accum=1",
-    "zero3": "parallel.zero_stage=3,train.grad_accum=1",
+    "zero3": "parallel.zero_stage=3,train.grad_accum=1,train.save_steps=3",
     # packed rows (room for 3-4 records each; none is longer than 32 tokens): the same records
     # per step, so the same losses as the padded reference
     "zero2_packed": "parallel.zero_stage=2,train.grad_accum=1,train.packing=true,train.seq_len=96",
@@ -60,7 +60,8 @@ def layouts_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(layouts_dir):
-    return run_deepspeed(WORKER, layouts_dir, *_layouts(TWO_RANK_LAYOUTS), "--resume", "pipe2:3", *COMMON,
+    return run_deepspeed(WORKER, layouts_dir, *_layouts(TWO_RANK_LAYOUTS), "--resume", "pipe2:3", "--resume", "zero3:3",
+                         *COMMON,
                          nproc=2, timeout=1200)
 
 
@@ -84,10 +85,12 @@ def test_final_reloads_to_the_same_model_as_single_rank(reference, two_ranks, la
     assert ((mine - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-def test_pipeline_run_resumes_from_its_own_checkpoint(two_ranks):
-    """Rolled back to step 3 and resumed, steps 4-5 repeat the uninterrupted run's losses."""
+@pytest.mark.parametrize("layout", ["pipe2", "zero3"])
+def test_run_resumes_from_its_own_checkpoint(two_ranks, layout):
+    """Rolled back to step 3 and resumed, steps 4-5 repeat the uninterrupted run's losses (ZeRO-1 and
+    LoRA resumes: test_fault_injection.py, test_lora.py)."""
     for rank in two_ranks:
-        assert rank["pipe2"]["resumed_losses"] == pytest.approx(rank["pipe2"]["losses"][3:], rel=1e-6)
+        assert rank[layout]["resumed_losses"] == pytest.approx(rank[layout]["losses"][3:], rel=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["zero0", "zero3", "tp2", "tp2_mistral", "tp2_gpt-neox", "tp2_phi"])
