@@ -78,6 +78,7 @@ class Trainer:
         self._norm_by_hand = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
                               and engine.autotp_size() <= 1)  # 0 when AutoTP is off
         self._own_norm = None
+        self._norm_wanted = True  # fit() asks for it on the steps it logs only
 
     def grad_norm(self) -> float | None:
         """The last step's global gradient norm before clipping (None where it is not known)."""
@@ -112,7 +113,7 @@ class Trainer:
             # DeepSpeed divides by grad_accum and averages over data-parallel ranks; undo both so
             # the gradient is that of the token mean over the whole global batch
             self.engine.backward(micro * self.batches.dp * self.batches.gas)
-            if self._norm_by_hand and self.engine.is_gradient_accumulation_boundary():
+            if self._norm_by_hand and self._norm_wanted and self.engine.is_gradient_accumulation_boundary():
                 self._own_norm = torch.linalg.vector_norm(torch.stack(
                     [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]))
             self.engine.step()
@@ -175,10 +176,12 @@ class Trainer:
                 self.logger.advance()
                 step = done
                 continue
+            checkpointing = bool(train.save_steps) and done % train.save_steps == 0 and done != train.max_steps
+            synced = done % train.log_steps == 0 or done == train.max_steps or checkpointing
+            self._norm_wanted = synced
             share = self.train_step(step)
             window_tokens += self.batches.tokens(step)
-            checkpointing = bool(train.save_steps) and done % train.save_steps == 0 and done != train.max_steps
-            if done % train.log_steps == 0 or done == train.max_steps or checkpointing:
+            if synced:
                 loss = self.step_loss(share)  # the only host sync of a step, on logging steps
                 reason = guard.check(loss) if policy.action != "off" else None
                 if reason is not None:

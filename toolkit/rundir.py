@@ -158,8 +158,7 @@ def _check_resumable(run: dict, recipe: Recipe, run_dir: RunDir) -> None:
         raise UserError(f"output_dir {run_dir.root} holds checkpoints of model {run['model']['name']}, "
                         f"not {model}", f"resume with model={run['model']['name']}, or use a new output_dir")
     was = run.get("parallel", {})
-    now = {"nproc": recipe.parallel.nproc, "zero_stage": recipe.parallel.zero_stage,
-           "pipeline_stages": recipe.parallel.pipeline_stages, "tensor_parallel": recipe.parallel.tensor_parallel}
+    now = {key: getattr(recipe.parallel, key) for key in _CHECKPOINT_LAYOUT}
     changed = [f"parallel.{key} {was[key]} -> {now[key]}" for key in _CHECKPOINT_LAYOUT if key in was and was[key] != now[key]]
     if changed:
         raise UserError(f"output_dir {run_dir.root} holds checkpoints sharded for another layout ({', '.join(changed)})",
