@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from toolkit.launcher import free_port
+from toolkit.launcher import free_port, remove_shm_buffers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ENV = "DSTK_TEST_RESULTS"
@@ -57,8 +57,9 @@ def run_deepspeed(script: str | Path, *args: object, nproc: int = 2, timeout: fl
             RESULTS_ENV: results,
             **(env or {}),
         })
+        port = free_port()
         command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc),
-                   "--master_port", str(free_port()), str(script), *map(str, args)]
+                   "--master_port", str(port), str(script), *map(str, args)]
         # own session: on timeout the launcher and every rank it started are killed together
         proc = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -68,6 +69,8 @@ def run_deepspeed(script: str | Path, *args: object, nproc: int = 2, timeout: fl
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
             raise RuntimeError(f"{script} timed out after {timeout}s\n{output[-6000:]}") from None
+        finally:
+            remove_shm_buffers(port)
         files = {int(f.stem.removeprefix("rank")): f for f in Path(results).glob("rank*.json")}
         if proc.returncode != 0 or sorted(files) != list(range(nproc)):
             raise RuntimeError(

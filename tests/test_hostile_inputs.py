@@ -75,6 +75,8 @@ def files(tmp_path_factory):
     (data / "ds.json").write_text("{not json")
     (data / "list.yaml").write_text("- a\n- b\n")
     (data / "broken.yaml").write_text("train: {max_steps: [1\n")
+    (data / "hosts_bad").write_text("node-a slots=2\nnode-b 2\n")
+    (data / "hosts_four").write_text("node-a slots=2\nnode-b slots=2\n")
     return root
 
 
@@ -108,6 +110,16 @@ CASES = {
     "recipe-ds-config-not-json": (lambda f: ["train", f"parallel.ds_config={f / 'data' / 'ds.json'}"], "ds.json"),
     "recipe-model-missing": (lambda f: ["train", f"model={f / 'no-model'}"], "neither a built-in preset"),
     "recipe-model-not-causal": (lambda f: ["train", f"model={f / 'bert'}"], "not a causal language model"),
+    "recipe-nodes-without-master": (lambda f: ["train", "parallel.nodes=2", "--node-rank", "0"],
+                                    "needs parallel.master_addr"),
+    "recipe-nodes-do-not-divide": (lambda f: ["train", "parallel.nodes=3", "parallel.master_addr=h0"],
+                                   "must be a multiple of parallel.nodes (3)"),
+    "recipe-node-local-pipeline": (lambda f: ["train", "parallel.node_local_storage=true",
+                                              "parallel.pipeline_stages=2"], "keeps apart"),
+    "recipe-hostfile-malformed": (lambda f: ["train", f"parallel.hostfile={f / 'data' / 'hosts_bad'}"],
+                                  "line 2 is 'node-b 2'"),
+    "recipe-hostfile-mismatch": (lambda f: ["train", f"parallel.hostfile={f / 'data' / 'hosts_four'}"],
+                                 "set parallel.nodes=2 parallel.nproc=4"),
     # data files
     "data-missing": (lambda f: ["train", f"data.train={f / 'data' / 'nope.jsonl'}"], "does not exist"),
     "data-empty": (lambda f: ["train", f"data.train={f / 'data' / 'empty.jsonl'}", "data.eval=null"], "empty.jsonl"),
@@ -144,6 +156,11 @@ CASES = {
     "flag-missing-model-dir": (lambda f: ["eval", str(f / "nothing"), "--data", str(f / "data" / "good.jsonl")],
                                "no such directory"),
     "flag-verify-steps": (lambda f: ["verify", "--steps", "0"], "--steps must be at least 1"),
+    "flag-node-rank-one-node": (lambda f: ["train", "--node-rank", "1"], "drop --node-rank"),
+    "flag-node-rank-out-of-range": (lambda f: ["train", "parallel.nodes=2", "parallel.master_addr=h0",
+                                               "--node-rank", "2"], "outside 0..1"),
+    "flag-node-rank-missing": (lambda f: ["train", "parallel.nodes=2", "parallel.master_addr=h0"],
+                               "needs --node-rank N on each host"),
     "flag-unknown-command": (lambda f: ["trian"], "invalid choice: 'trian'"),
 }
 

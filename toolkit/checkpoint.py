@@ -49,7 +49,8 @@ def save(engine, folder: Path, step: int, metrics: dict | None = None, keep_last
     """
     name = tag(step)
     staging = f".{name}.partial"
-    if dist.get_rank() == 0:
+    leader = _storage_leader(engine)
+    if leader:
         for left in folder.glob(".step_*.partial"):  # left by a run killed while saving
             shutil.rmtree(left, ignore_errors=True)
     dist.barrier()
@@ -57,7 +58,7 @@ def save(engine, folder: Path, step: int, metrics: dict | None = None, keep_last
                            exclude_frozen_parameters=_frozen_base(engine))
     _save_rng_state(folder / staging)
     dist.barrier()  # every rank's files are written
-    if dist.get_rank() == 0:
+    if leader:
         write_manifest(folder / staging, step, metrics or {})
         shutil.rmtree(folder / name, ignore_errors=True)  # an older save of this step (after a rollback)
         (folder / staging).rename(folder / name)
@@ -66,6 +67,17 @@ def save(engine, folder: Path, step: int, metrics: dict | None = None, keep_last
         prune(folder, keep_last, keep_best)
     dist.barrier()
     return folder / name
+
+
+def _storage_leader(engine) -> bool:
+    """Whether this rank publishes checkpoints (manifest, rename, ``latest``, pruning) on its storage.
+
+    Rank 0 on shared storage; with node-local storage every node's local rank 0, for the files
+    its own node's ranks wrote.
+    """
+    if engine.use_node_local_storage():
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return dist.get_rank() == 0
 
 
 def _rng_file(checkpoint: Path, rank: int) -> Path:
@@ -232,17 +244,46 @@ def resume(engine, folder: Path) -> int:
     from its own file; the data position is the step itself, since batches are a pure function of
     the step (``toolkit.data.batches``).
     """
-    chosen = [newest_complete(folder) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(chosen, src=0)  # one rank judges, so all load the same one
-    if chosen[0] is None:
+    chosen = _agreed_checkpoint(engine, folder)
+    if chosen is None:
         return 0
-    path, client_state = engine.load_checkpoint(str(folder), tag=chosen[0].name,
+    path, client_state = engine.load_checkpoint(str(folder), tag=chosen.name,
                                                 load_module_strict=not _frozen_base(engine))
     step = int(client_state["step"])
-    _load_rng_state(chosen[0])
+    _load_rng_state(chosen)
     if dist.get_rank() == 0:
         log.warning("resumed from %s at step %d", path, step)
     return step
+
+
+def _agreed_checkpoint(engine, folder: Path) -> Path | None:
+    """The checkpoint every rank loads: the newest complete one, judged by the storage leaders.
+
+    With node-local storage each node judges its own files, and the run continues from the
+    oldest of their choices, which must then be complete on every node.
+
+    Raises:
+        UserError: node-local checkpoints with no step complete on every node.
+    """
+    from toolkit.errors import UserError
+
+    leader = _storage_leader(engine)
+    mine = newest_complete(folder) if leader else None
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (leader, None if mine is None else mine.name))
+    judged = {choice for lead, choice in gathered if lead}
+    if judged == {None}:
+        return None
+    if None in judged:
+        raise UserError(f"only some nodes have a complete checkpoint in {folder}",
+                        "resume on the nodes that wrote them, or start a new run")
+    oldest = folder / min(judged)  # zero-padded step names sort as their steps
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, verify(oldest) if leader and len(judged) > 1 else None)
+    if any(problems):
+        raise UserError(f"checkpoint {oldest.name} is not complete on every node: {next(filter(None, problems))}",
+                        "resume on the nodes that wrote it, or start a new run")
+    return oldest
 
 
 def _write_atomically(path: Path, text: str) -> None:

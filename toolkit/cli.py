@@ -16,15 +16,15 @@ from toolkit.errors import UserError
 COMMAND_MODULES = ("train", "verify", "audit", "checkpoints", "export", "eval", "generate", "env")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     # argparse's own usage errors also exit 2, but as one line with the fix, like ours.
     def error(self, message: str):
         self.exit(2, f"dstk: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dstk", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="dstk", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"toolkit.commands.{name}").register(subparsers)
     return parser

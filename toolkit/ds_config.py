@@ -110,6 +110,8 @@ def build(recipe: Recipe) -> dict[str, Any]:
         if found != wanted:
             raise UserError(f"the DeepSpeed config sets {key}={found} but the recipe asks for {wanted}",
                             "make them agree, or write \"auto\" in the config")
+    if p.node_local_storage:  # each node's local rank 0 then writes the files rank 0 alone would
+        config.setdefault("checkpoint", {})["use_node_local_storage"] = True
     _prefer_torch_adam_on_cpu(config, p.offload)
     return config
 

@@ -53,19 +53,25 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
-def _init_distributed() -> None:
+def _init_distributed(recipe: Recipe) -> None:
     """Join the launcher's process group, or make a one-rank group when there is no launcher."""
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
+    interface = recipe.parallel.network_interface
+    if interface:  # set here, not by the launcher: pdsh and MPI do not carry GLOO_* to other hosts
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
     if "RANK" not in os.environ:  # a plain `python script.py`: one rank, no launcher
         from toolkit.launcher import free_port
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=recipe.parallel.comm_timeout_s))
     # Without an orderly teardown before the interpreter exits, ZeRO-3 workers abort with
     # "terminate called without an active exception" (DeepSpeed 0.19.8, gloo). At exit rather
     # than at the end of finetune, so the returned engine stays usable and finetune can run again.
@@ -99,7 +105,25 @@ def _prepare_everywhere(recipe: Recipe) -> dict:
     status, value = outcome[0]
     if status == "error":
         raise value
+    if recipe.parallel.nodes > 1:
+        _check_same_data(value)
     return value
+
+
+def _check_same_data(run: dict) -> None:
+    """Every other node checks it reads the data node 0 audited (a hostfile launch has no other
+    check before this); every rank learns of a difference, or the others would wait forever."""
+    import torch.distributed as dist
+
+    from toolkit.nodes import data_problems
+
+    mine = data_problems(run["data"]) if os.environ.get("LOCAL_RANK") == "0" and dist.get_rank() else []
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, mine)
+    problems = [f"rank {rank}: {problem}" for rank, listed in enumerate(found) for problem in listed]
+    if problems:
+        raise UserError(f"the nodes do not see the same data ({'; '.join(problems)})",
+                        "give every node the same data files, or put them on shared storage")
 
 
 def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | None = None) -> FinetuneResult:
@@ -125,7 +149,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     _quiet_libraries()
-    _init_distributed()
+    _init_distributed(recipe)
     if dist.get_world_size() != recipe.parallel.nproc:
         raise UserError(f"the recipe sets parallel.nproc={recipe.parallel.nproc} but "
                         f"{dist.get_world_size()} rank(s) were started",

@@ -7,12 +7,16 @@ runs), started with this Python so workers see the same environment; each worker
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+from toolkit import nodes
 from toolkit.recipe import Recipe
 from toolkit.rundir import RunDir, prepare
 
@@ -23,39 +27,88 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(recipe: Recipe, recipe_path: Path, port: int) -> list[str]:
-    """The launcher command line that runs ``recipe_path`` on ``parallel.nproc`` local ranks."""
-    return [sys.executable, "-m", "deepspeed.launcher.runner",
-            "--num_gpus", str(recipe.parallel.nproc), "--master_port", str(port),
-            "--module", "toolkit.worker", "--recipe", str(recipe_path)]
+def command(recipe: Recipe, recipe_path: Path, port: int, node_rank: int | None = None,
+            world_hostfile: Path | None = None) -> list[str]:
+    """The DeepSpeed launcher command line that runs ``recipe_path`` on this node's ranks.
+
+    One node: ``parallel.nproc`` local ranks. A hostfile: every host in it, started from here
+    through ``parallel.launcher``. One launcher per node: this node's ranks (``--no_ssh``), the
+    world read from ``world_hostfile`` (see :func:`toolkit.nodes.world_hostfile`).
+    """
+    p = recipe.parallel
+    head = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if p.hostfile is not None:
+        head += ["--hostfile", str(Path(p.hostfile).resolve()), "--launcher", p.launcher,
+                 "--master_addr", p.master_addr or next(iter(nodes.read_hostfile(p.hostfile)))]
+    elif node_rank is not None:
+        head += ["--hostfile", str(world_hostfile), "--no_ssh", "--node_rank", str(node_rank),
+                 "--master_addr", p.master_addr]
+    else:
+        head += ["--num_gpus", str(p.nproc)]
+    return [*head, "--master_port", str(port), "--module", "toolkit.worker", "--recipe", str(recipe_path.resolve())]
 
 
 def worker_env(recipe: Recipe) -> dict[str, str]:
     env = dict(os.environ)
     # Each rank gets its share of the cores; oversubscribed OpenMP threads slow every rank down.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // recipe.parallel.nproc)))
+    ranks_here = recipe.parallel.nproc // recipe.parallel.nodes
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_here)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def launch(recipe: Recipe) -> int:
+def launch(recipe: Recipe, node_rank: int | None = None, dry_run: bool = False) -> int:
     """Validate and gate the run, start the workers and wait; return the launcher's exit code.
+
+    Args:
+        node_rank: this host's node number, with one launcher per node (``parallel.nodes`` > 1).
+        dry_run: print the launcher command line instead of gating and launching; write nothing.
 
     Raises:
         UserError / AuditFailed: before any worker starts (exit 2 / 1).
     """
-    run = prepare(recipe)
-    if "pipeline" in run["parallel"]:
-        print(run["parallel"]["pipeline"]["summary"], flush=True)
-    for warning in stale_extension_locks():
-        print(f"dstk: warning: {warning}", file=sys.stderr, flush=True)
+    nodes.check_node_rank(recipe, node_rank)
+    if recipe.parallel.hostfile is not None:
+        nodes.check_hostfile(recipe)
     run_dir = RunDir(Path(recipe.output_dir))
-    port = recipe.parallel.master_port or free_port()
-    # its own session: the launcher and its workers form one process group that dstk can stop whole
-    launcher = subprocess.Popen(command(recipe, run_dir.recipe, port), env=worker_env(recipe),
-                                start_new_session=True)
-    return wait_stopping_on_signals(launcher)
+    port = nodes.master_port(recipe) or free_port()
+    with tempfile.TemporaryDirectory(prefix="dstk-launch-") as scratch:
+        world = nodes.world_hostfile(recipe, Path(scratch) / "hostfile") if node_rank is not None else None
+        if dry_run:
+            print(shlex.join(command(recipe, run_dir.recipe, port, node_rank, world)))
+            if world is not None:
+                print(f"dstk: world: {' '.join(world.read_text().splitlines())}", file=sys.stderr)
+            return 0
+        with contextlib.ExitStack() as stack:
+            if node_rank is None:
+                run = prepare(recipe)
+            else:
+                run = stack.enter_context(nodes.NodeGate(recipe, node_rank)).prepare()
+            argv = command(recipe, run_dir.recipe, port, node_rank, world)
+            if "pipeline" in run["parallel"]:
+                print(run["parallel"]["pipeline"]["summary"], flush=True)
+            for warning in stale_extension_locks():
+                print(f"dstk: warning: {warning}", file=sys.stderr, flush=True)
+            # its own session: the launcher and its workers form one process group that dstk can stop whole
+            launcher = subprocess.Popen(argv, env=worker_env(recipe), start_new_session=True)
+            try:
+                return wait_stopping_on_signals(launcher)
+            finally:
+                remove_shm_buffers(port)
+
+
+def remove_shm_buffers(port: int) -> list[Path]:
+    """Delete the shared-memory files DeepSpeed's CPU all-reduce left for this run; return them.
+
+    On a CPU accelerator with every rank on one host, each rank maps a 66 MB file
+    ``/dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK`` and DeepSpeed 0.19.8 never unlinks
+    it: without this every run leaves its ranks' files behind until /dev/shm fills up.
+    """
+    leftovers = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def stale_extension_locks(max_age_s: float = 900) -> list[str]:

@@ -37,7 +37,11 @@ def describe(recipe: Recipe, config) -> dict:
     p, t = recipe.parallel, recipe.train
     layout = {"nproc": p.nproc, "data_parallel": recipe.data_parallel,
               "pipeline_stages": p.pipeline_stages, "tensor_parallel": p.tensor_parallel,
-              "zero_stage": p.zero_stage, "offload": p.offload}
+              "zero_stage": p.zero_stage, "offload": p.offload, "nodes": p.nodes,
+              "node_local_storage": p.node_local_storage,
+              "network": {"master_addr": p.master_addr, "master_port": p.master_port, "hostfile": p.hostfile,
+                          "launcher": p.launcher if p.hostfile else ("per-node" if p.nodes > 1 else "local"),
+                          "network_interface": p.network_interface, "comm_timeout_s": p.comm_timeout_s}}
     if p.tensor_parallel > 1:
         heads = getattr(config, "num_attention_heads", None)
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -98,7 +98,42 @@ class ParallelConfig(_Strict):
         "the ZeRO stage; its `\"auto\"` values are filled from this recipe.",
     )
     master_port: int | None = Field(
-        None, ge=1024, le=65535, description="Rendezvous port; null picks a free one."
+        None, ge=1024, le=65535,
+        description="Rendezvous port on the master; null picks a free one on one node, 29500 on several. "
+        "With one launcher per node, dstk's pre-launch check also uses the port after it.",
+    )
+    nodes: int = Field(
+        1, ge=1,
+        description="Hosts the job spans; parallel.nproc ranks are split evenly over them. With more than "
+        "one, start `dstk train --node-rank N` on each host, or give a hostfile.",
+    )
+    hostfile: str | None = Field(
+        None,
+        description="A DeepSpeed hostfile (lines `HOST slots=N`): dstk on the first host starts every "
+        "node through parallel.launcher. output_dir must be on storage every node sees.",
+    )
+    launcher: Literal["pdsh", "openmpi", "mvapich", "mpich", "impi", "slurm"] = Field(
+        "pdsh", description="DeepSpeed's multi-node backend for a hostfile (ssh through pdsh by default)."
+    )
+    master_addr: str | None = Field(
+        None,
+        description="Address of node 0 that every node can reach; needed with parallel.nodes > 1 "
+        "(the first hostfile host when a hostfile is given).",
+    )
+    network_interface: str | None = Field(
+        None,
+        description="Network interface(s) for collectives (GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME); "
+        "null lets gloo/NCCL choose. A host's own environment variable wins over it.",
+    )
+    comm_timeout_s: int = Field(
+        1800, ge=10,
+        description="Seconds a collective (or a node waiting for the others) may block before the run "
+        "fails; a host that vanishes without closing its connections is noticed after this.",
+    )
+    node_local_storage: bool = Field(
+        False,
+        description="output_dir is local to each node: every node writes its own ranks' checkpoint "
+        "shards, and node 0 the consolidated model. Needs one launcher per node (--node-rank).",
     )
 
 
@@ -244,6 +279,7 @@ class Recipe(_Strict):
                 problems.append(f"parallel.pipeline_partition regex is invalid: {err}")
             if pattern is not None and not p.pipeline_partition.startswith("type:"):
                 problems.append("parallel.pipeline_partition must be parameters, uniform or type:REGEX")
+        problems += self._node_problems()
         if p.offload == "cpu" and p.zero_stage < 2:
             problems.append("parallel.offload=cpu needs parallel.zero_stage 2 or 3")
         problems += self._lora_problems()
@@ -257,6 +293,24 @@ class Recipe(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _node_problems(self) -> list[str]:
+        p = self.parallel
+        problems = []
+        if p.nproc % p.nodes:
+            problems.append(f"parallel.nproc ({p.nproc}) must be a multiple of parallel.nodes ({p.nodes}): "
+                            "every node runs the same number of ranks")
+        if p.nodes > 1 and p.hostfile is None and p.master_addr is None:
+            problems.append("parallel.nodes > 1 needs parallel.master_addr, the address of node 0 that "
+                            "every node can reach")
+        if p.node_local_storage and p.hostfile is not None:
+            problems.append("parallel.node_local_storage=true needs one launcher per node (dstk train "
+                            "--node-rank N on each host); a hostfile launch reads output_dir from shared storage")
+        if p.node_local_storage and p.pipeline_stages > 1:
+            problems.append("parallel.node_local_storage=true cannot run with pipeline_stages > 1: final/ is "
+                            "rebuilt from every stage's layer files, which node-local storage keeps apart "
+                            "(use shared storage)")
+        return problems
 
     def _lora_problems(self) -> list[str]:
         lora, p = self.lora, self.parallel

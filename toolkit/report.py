@@ -16,12 +16,16 @@ def _metrics(run_dir: RunDir) -> list[dict]:
     return [json.loads(line) for line in run_dir.metrics.read_text().splitlines() if line.strip()]
 
 
-def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout) -> None:
+def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout, node_rank: int | None = None) -> None:
     run_dir = RunDir(Path(recipe.output_dir))
+    on_node = "" if node_rank is None else f" --node-rank {node_rank}"
     if exit_code != 0:
         print(f"\ndstk train: the workers failed (exit {exit_code}); their output is above. "
-              f"Continue from the last checkpoint with: dstk train {run_dir.recipe} resume=auto",
-              file=sys.stderr)
+              f"Continue from the last checkpoint with: dstk train {run_dir.recipe} resume=auto{on_node}"
+              + (" (on every node)" if on_node else ""), file=sys.stderr)
+        return
+    if node_rank:  # node 0 keeps the metrics, the model and the summary
+        print(f"\ndstk train: node {node_rank} finished; node 0 reports the run", file=out)
         return
     run = run_dir.read_run()
     lines = _metrics(run_dir)

@@ -62,8 +62,12 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(recipe: Recipe) -> dict:
+def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
     """Make ``recipe.output_dir`` ready for workers; return its run.json content.
+
+    Args:
+        audited: the audit entry of node 0 in a multi-node run, for a node that prepares its own
+            (node-local) run directory: its data is then checked by hash, not audited again.
 
     Raises:
         UserError: bad recipe values, data or output directory state (exit 2), nothing written.
@@ -76,19 +80,8 @@ def prepare(recipe: Recipe) -> dict:
     source = resolve_model(recipe.model, recipe.trust_remote_code)
     config = ds_config_module.build(recipe)
     parallel = layout.describe(recipe, layout.model_config(recipe, source))
-    data = {split: _resolve_data(recipe, split)
-            for split in ("train", "eval") if getattr(recipe.data, split) is not None}
-    tokenizer = _tokenizer_for(recipe, source)
-    with tempfile.TemporaryDirectory(prefix="dstk-audit-") as staging:
-        # The report is written aside and published once the data proved readable (a pass or a
-        # fail), so unreadable input leaves an existing run directory untouched.
-        try:
-            audit_entry = run_gate(recipe, data["train"]["path"], data.get("eval", {}).get("path"),
-                                   Path(staging), run_dir.audit, count_tokens=_token_counter(tokenizer))
-        except AuditFailed:
-            _publish(Path(staging), run_dir)
-            raise
-        _publish(Path(staging), run_dir)
+    data = resolve_all_data(recipe)
+    audit_entry = audited if audited is not None else _audit(recipe, source, data, run_dir)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     for entry in data.values():
         if entry["source"].startswith(BUILTIN_PREFIX):  # the run keeps its own copy of generated data
@@ -118,6 +111,21 @@ def prepare(recipe: Recipe) -> dict:
     }
     run_dir.write_run(run)
     return run
+
+
+def _audit(recipe: Recipe, source, data: dict, run_dir: RunDir) -> dict:
+    tokenizer = _tokenizer_for(recipe, source)
+    with tempfile.TemporaryDirectory(prefix="dstk-audit-") as staging:
+        # The report is written aside and published once the data proved readable (a pass or a
+        # fail), so unreadable input leaves an existing run directory untouched.
+        try:
+            entry = run_gate(recipe, data["train"]["path"], data.get("eval", {}).get("path"),
+                             Path(staging), run_dir.audit, count_tokens=_token_counter(tokenizer))
+        except AuditFailed:
+            _publish(Path(staging), run_dir)
+            raise
+        _publish(Path(staging), run_dir)
+    return entry
 
 
 def _publish(report: Path, run_dir: RunDir) -> None:
@@ -164,6 +172,12 @@ def _check_resumable(run: dict, recipe: Recipe, run_dir: RunDir) -> None:
         raise UserError(f"output_dir {run_dir.root} holds checkpoints sharded for another layout ({', '.join(changed)})",
                         f"resume with the layout that wrote them, or start a new run from its model "
                         f"(model={run_dir.final})")
+
+
+def resolve_all_data(recipe: Recipe) -> dict:
+    """Each data split's source, local path and sha256 (generated data is generated first)."""
+    return {split: _resolve_data(recipe, split)
+            for split in ("train", "eval") if getattr(recipe.data, split) is not None}
 
 
 def _resolve_data(recipe: Recipe, split: str) -> dict:

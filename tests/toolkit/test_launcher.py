@@ -15,3 +15,42 @@ def test_a_stale_torch_extension_lock_is_named_before_launch(tmp_path, monkeypat
     os.utime(stale, (0, 0))
     warnings = stale_extension_locks()
     assert len(warnings) == 1 and str(stale) in warnings[0] and "delete it" in warnings[0]
+
+
+def test_deepspeeds_leftover_shared_memory_of_a_run_is_removed_and_no_other(tmp_path):
+    from pathlib import Path
+
+    from toolkit.launcher import remove_shm_buffers
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        import pytest
+
+        pytest.skip("no /dev/shm here")
+    ours = [shm / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1{n}_{rank}" for n in (7, 8) for rank in (0, 1)]
+    for path in ours:
+        path.write_bytes(b"x")
+    try:
+        assert remove_shm_buffers(17) == ours[:2]
+        assert [path.exists() for path in ours] == [False, False, True, True]  # another run's stay
+    finally:
+        for path in ours:
+            path.unlink(missing_ok=True)
+
+
+def test_a_node_that_sees_other_data_than_node_0_says_which(tmp_path):
+    from toolkit.nodes import data_problems
+    from toolkit.rundir import sha256_file
+
+    train, folder = tmp_path / "train.jsonl", tmp_path / "eval"
+    train.write_text('{"text": "a"}\n')
+    folder.mkdir()
+    (folder / "part0.jsonl").write_text('{"text": "b"}\n')
+    data = {"train": {"path": str(train), "sha256": sha256_file(train)},
+            "eval": {"path": str(folder), "sha256": {"part0.jsonl": sha256_file(folder / "part0.jsonl")}},
+            "hub": {"path": "org/dataset", "sha256": None}}
+    assert data_problems(data) == []
+    train.write_text('{"text": "A"}\n')
+    (folder / "part0.jsonl").unlink()
+    assert data_problems(data) == [f"data.train file {train} differs from node 0's",
+                                   f"data.eval file {folder / 'part0.jsonl'} is missing"]
