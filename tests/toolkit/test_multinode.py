@@ -98,6 +98,14 @@ def _kill_host(proc: subprocess.Popen) -> None:
             pass
 
 
+def _wait_for_step(nodes: list, metrics: Path, step: int) -> None:
+    deadline = time.monotonic() + 240
+    while not metrics.is_file() or max(_losses(metrics), default=0) < step:
+        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
+            [n.communicate()[0][-2000:] for n in nodes if n.poll() is not None]
+        time.sleep(0.05)
+
+
 def _losses(metrics: Path) -> dict[int, float]:
     """Each step's loss as last logged (a resumed run logs its replayed steps again)."""
     lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
@@ -128,11 +136,7 @@ def test_zero3_across_two_hosts_on_node_local_storage_survives_a_host_loss(hosts
         folder.mkdir()
     layout = ("parallel.zero_stage=3", "parallel.node_local_storage=true")
     nodes = [_node(hosts, rank, out, *layout, storage=disks[rank]) for rank in (0, 1)]
-    deadline = time.monotonic() + 240
-    while not (disks[0] / "metrics.jsonl").is_file() or max(_losses(disks[0] / "metrics.jsonl"), default=0) < 5:
-        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
-            [n.communicate()[0][-2000:] for n in nodes if n.poll() is not None]
-        time.sleep(0.05)
+    _wait_for_step(nodes, disks[0] / "metrics.jsonl", 5)
     _kill_host(nodes[1])
     killed = time.monotonic()
     code, output = _finish(nodes[0], timeout=120)
@@ -160,11 +164,21 @@ def test_zero3_across_two_hosts_on_node_local_storage_survives_a_host_loss(hosts
     assert json.loads((disks[1] / "run.json").read_text())["audit"]["audited_on"] == "node 0"
 
 
-def test_pipeline_split_across_two_hosts_matches_one_host(hosts, single_host, tmp_path):
-    """Stage 0 on one host, stage 1 on the other, shared output_dir: the single-host losses (its
-    global batch of 2 x 16 records is the pipeline's 2 micro-batches of 16)."""
+def test_pipeline_split_across_two_hosts_resumes_on_shared_storage(hosts, single_host, tmp_path):
+    """Stage 0 on one host, stage 1 on the other, one shared output_dir. Node 0 is preempted
+    (SIGTERM) after step 5; node 1 stops too; resumed on both, the run ends with the single-host
+    losses (its global batch of 2 x 16 records is the pipeline's 2 micro-batches of 16)."""
     out = tmp_path / "run"
-    nodes = [_node(hosts, rank, out, "parallel.pipeline_stages=2", "train.grad_accum=2") for rank in (0, 1)]
+    layout = ("parallel.pipeline_stages=2", "train.grad_accum=2")
+    nodes = [_node(hosts, rank, out, *layout) for rank in (0, 1)]
+    _wait_for_step(nodes, out / "metrics.jsonl", 5)
+    nodes[0].send_signal(signal.SIGTERM)  # reaches dstk only, as a scheduler's preemption does
+    results = [_finish(node, timeout=120) for node in nodes]
+    assert all(code != 0 for code, _ in results), [output[-2000:] for _, output in results]
+    assert "resume=auto --node-rank 1" in results[1][1]
+    assert checkpoint.newest_complete(out / "checkpoints").name == "step_000004"
+
+    nodes = [_node(hosts, rank, out, *layout, "resume=auto") for rank in (0, 1)]
     results = [_finish(node) for node in nodes]
     assert [code for code, _ in results] == [0, 0], [output[-3000:] for _, output in results]
     _assert_same_losses(_losses(out / "metrics.jsonl"), single_host)
