@@ -7,6 +7,7 @@ process; starting the DeepSpeed launcher fails the test, and an existing run dir
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,12 @@ def files(tmp_path_factory):
     (run / "run.json").write_text(json.dumps({
         "status": "failed", "recipe_sha256": "x", "model": {"name": "tiny-llama"},
         "parallel": {"nproc": 2, "zero_stage": 1, "pipeline_stages": 1, "tensor_parallel": 1}}))
+
+    node_local = root / "node_local_run"  # the same checkpoints, as node 0's disk of a two-node run sees them
+    shutil.copytree(run, node_local)
+    info = json.loads((node_local / "run.json").read_text())
+    info["parallel"].update(nodes=2, node_local_storage=True)
+    (node_local / "run.json").write_text(json.dumps(info))
 
     data = root / "data"
     data.mkdir()
@@ -143,6 +150,8 @@ CASES = {
                                "holds checkpoints of model tiny-llama"),
     "checkpoint-other-layout": (lambda f: ["train", f"output_dir={f / 'run'}", "resume=auto", "parallel.zero_stage=3"],
                                 "parallel.zero_stage 1 -> 3"),
+    "checkpoint-node-local-export": (lambda f: ["export", str(f / "node_local_run"), "--quant", "int8",
+                                                "-o", str(f / "out2")], "spread over every node's disk"),
     "checkpoint-rollback-corrupt": (lambda f: ["rollback", str(f / "run"), "--to", "4"], "does not match its sha256"),
     "checkpoint-rollback-missing": (lambda f: ["rollback", str(f / "run"), "--to", "6"], "no checkpoint of step 6"),
     "weights-truncated": (lambda f: ["export", str(f / "truncated"), "--quant", "int8", "-o", str(f / "out1")],

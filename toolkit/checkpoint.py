@@ -384,6 +384,10 @@ def consolidate_newest(root: Path) -> Path:
     if info["parallel"].get("tensor_parallel", 1) > 1:
         raise UserError(f"{root}: AutoTP checkpoints are not consolidated offline",
                         "let the run finish: its final/ is gathered by the live engine")
+    if info["parallel"].get("node_local_storage") and info["parallel"]["zero_stage"] > 0:
+        raise UserError(f"{root}: this node-local run's checkpoint shards are spread over every node's disk",
+                        f"copy each node's checkpoints/{name} into this one first, or let the run finish "
+                        "(node 0 writes final/)")
     model_path = info["model"]["path"]
     config = AutoConfig.from_pretrained(model_path)
     staging = out.with_name(f".{name}.tmp")

@@ -76,8 +76,9 @@ def reference_of(recipe: Recipe) -> Recipe:
 
 
 def short_run(recipe: Recipe, steps: int, output_dir: Path) -> Recipe:
-    """``recipe`` cut to ``steps`` logged steps, nothing saved between, no eval, no guard."""
+    """``recipe`` cut to ``steps`` logged steps on this host, nothing saved between, no eval, no guard."""
     return with_values(recipe, {
+        "parallel.nodes": 1, "parallel.hostfile": None, "parallel.node_local_storage": False,
         "output_dir": str(output_dir), "resume": None, "train.max_steps": steps, "train.log_steps": 1,
         "train.save_steps": 0, "train.eval_steps": 0, "train.keep_last": 0, "train.keep_best": 0,
         "train.divergence.action": "off", "data.eval": None, "lora.merge": False,
