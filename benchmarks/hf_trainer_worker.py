@@ -22,6 +22,7 @@ def main() -> None:
         parser.add_argument(name, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the timing")
+    parser.add_argument("--no-save", action="store_true", help="skip saving the model (memory runs)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
 
@@ -77,12 +78,18 @@ def main() -> None:
     # every rank counted its own micro-batches; the step's real tokens are their sum
     mine = torch.tensor([clock.tokens], dtype=torch.float64)
     torch.distributed.all_reduce(mine)
-    trainer.save_model(args.out)  # ZeRO-2: the whole model, for the shared evaluation
+    from toolkit.metrics import model_state_mb, peak_rss_mb_per_rank, per_rank
+
+    # measured as dstk measures its own: the engine's model states, and the peak resident memory
+    memory = {"model_state_mb_per_rank": per_rank(model_state_mb(trainer.model_wrapped)),
+              "peak_rss_mb_per_rank": peak_rss_mb_per_rank()}
+    if not args.no_save:
+        trainer.save_model(args.out)  # the whole model, for the shared evaluation
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.out)
         with open(args.result, "w") as out:
             json.dump({"tokens": mine.item(), "elapsed_s": clock.elapsed,
-                       "timed_steps": args.steps - args.warmup_steps}, out)
+                       "timed_steps": args.steps - args.warmup_steps, **memory}, out)
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
         return encode_set(run["data"][split]["path"], tokenizer, recipe.data, t.seq_len, limit=limit,
                           trust_remote_code=recipe.trust_remote_code)
 
-    train = encoded("train")
+    train = encoded("train", recipe.data.train_limit)
     evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds_config)

@@ -55,6 +55,11 @@ class DataConfig(_Strict):
     messages_field: str = Field(
         "messages", description="Field holding the list of {role, content} messages (format `chat`)."
     )
+    train_limit: int | None = Field(
+        None, ge=1,
+        description="Train on the first this many records only (null: all of them), for quick trials; "
+        "the audit still reads the whole file.",
+    )
     eval_limit: int | None = Field(
         None, ge=1, description="Use at most this many eval records (null: all of them)."
     )

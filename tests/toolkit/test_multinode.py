@@ -23,7 +23,7 @@ from toolkit import checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 MASTER = "10.77.0.1"
 RECIPE = ["train.max_steps=8", "train.log_steps=1", "train.save_steps=4", "data.eval=null",
-          "parallel.network_interface=dstk0"]
+          "data.train_limit=2000", "parallel.network_interface=dstk0"]
 
 
 def _ip(*args: str) -> None:
@@ -47,6 +47,9 @@ def hosts():
             _ip("-n", name, "link", "set", f"dv{tag}{end}", "name", "dstk0")
             _ip("-n", name, "addr", "add", f"{address}/24", "dev", "dstk0")
             _ip("-n", name, "link", "set", "dstk0", "up")
+        # node-local disks are bind mounts inside a mount namespace of each host's own
+        subprocess.run(["ip", "netns", "exec", names[1], "unshare", "-m", "--propagation", "private", "sh", "-c",
+                        "mount --bind /tmp /tmp"], check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as err:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -17,9 +17,10 @@ import torch
 from tests.multirank import run_deepspeed
 
 WORKER = Path(__file__).parent / "workers" / "finetune_layouts.py"
-# 5 logged steps, no eval, no mid-run checkpoint: only the maths of the step is compared
+# 5 logged steps, no eval, no mid-run checkpoint: only the maths of the step is compared, so the
+# audit (tested on its own) is off, and 2,000 records are more than 5 steps draw
 COMMON = ["train.max_steps=5", "train.log_steps=1", "train.warmup_ratio=0.2", "train.micro_batch_size=4",
-          "data.eval=null", "train.save_steps=0"]
+          "data.eval=null", "train.save_steps=0", "audit.enforce=false", "data.train_limit=2000"]
 TWO_RANK_LAYOUTS = {
     "zero0": "parallel.zero_stage=0,train.grad_accum=1",
     "zero1": "parallel.zero_stage=1,train.grad_accum=1",
@@ -29,7 +30,8 @@ TWO_RANK_LAYOUTS = {
     # per step, so the same losses as the padded reference
     "zero2_packed": "parallel.zero_stage=2,train.grad_accum=1,train.packing=true,train.seq_len=96",
     "pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2,train.grad_accum=2,train.save_steps=3",
-    "pipe2_tied": "model=tiny-qwen2,parallel.zero_stage=1,parallel.pipeline_stages=2,train.grad_accum=2",
+    # audited: its export below must record the verdict in its lineage
+    "pipe2_tied": "model=tiny-qwen2,parallel.zero_stage=1,parallel.pipeline_stages=2,train.grad_accum=2,audit.enforce=true",
     "tp2": "parallel.zero_stage=1,parallel.tensor_parallel=2,train.grad_accum=2",
     # AutoTP on the other untied families (tied ones are refused, see test_layout)
     "tp2_mistral": "model=tiny-mistral,parallel.zero_stage=0,parallel.tensor_parallel=2,train.grad_accum=2",

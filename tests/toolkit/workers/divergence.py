@@ -21,7 +21,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("out")
 parser.add_argument("--local_rank", type=int)  # passed by the launcher
 args = parser.parse_args()
-COMMON = ["train.max_steps=16", "train.save_steps=4", "train.log_steps=1", "data.eval=null"]
+COMMON = ["train.max_steps=16", "train.save_steps=4", "train.log_steps=1", "data.eval=null",
+          "audit.enforce=false", "data.train_limit=2000"]  # as test_fault_injection's RECIPE
 
 
 def inject_fault() -> None:

@@ -1,0 +1,108 @@
+"""Per-rank memory under ZeRO 0-3 and CPU offload, against the ZeRO paper's formulas and the HF Trainer.
+
+    python benchmarks/zero_memory.py                  # ~100M LLaMA, 2 ranks, 2 steps per layout
+    python benchmarks/zero_memory.py --layers 4 --no-trainer
+
+Each layout is a real ``dstk train`` run and a real HF Trainer run (``hf_trainer_worker.py``) with
+the DeepSpeed config dstk resolved for it: same model, records, ranks and steps. Per rank:
+
+* model states: the bytes of every tensor the engine's parameters and optimizer hold after the
+  steps (``toolkit.metrics.model_state_mb``), both sides measured the same way. Theory, for Ψ
+  parameters on N ranks with Adam, is (w + g + k)Ψ for stage 0, (w + g)Ψ + kΨ/N for 1,
+  wΨ + (g + k)Ψ/N for 2 and (w + g + k)Ψ/N for 3, with bytes per parameter w=2, g=2, k=12 in
+  bf16 mixed precision (the paper's 16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N) and w=4, g=4, k=8 in fp32.
+  Goal: within 1.15x of theory.
+* peak: the largest resident memory of the rank. Without an accelerator the "device" is host
+  memory, so offload moves nothing off it here; its row shows what offload costs in host memory.
+  Goal: dstk's ZeRO-3 peak at most 0.56x the Trainer's (the Trainer builds the whole model on
+  every rank before partitioning it; dstk creates it partitioned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lora_memory import build_model, train
+
+ROOT = Path(__file__).resolve().parents[1]
+NPROC = 2
+LAYOUTS = {"ZeRO-0": (0, "none"), "ZeRO-1": (1, "none"), "ZeRO-2": (2, "none"), "ZeRO-3": (3, "none"),
+           "ZeRO-3 offload": (3, "cpu")}
+BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}  # weights, gradients, optimizer state (+ master copy)
+GOALS = {"theory": 1.15, "zero3_vs_trainer": 0.56}
+
+
+def theory_mb(params: int, stage: int, precision: str, ranks: int = NPROC) -> float:
+    w, g, k = BYTES[precision]
+    per_param = {0: w + g + k, 1: w + g + k / ranks, 2: w + (g + k) / ranks, 3: (w + g + k) / ranks}[stage]
+    return params * per_param / 2**20
+
+
+def trainer_memory(model: Path, run: Path, out: Path, steps: int) -> dict:
+    """The HF Trainer on dstk's resolved config and encoded records of ``run``."""
+    spec = out.with_suffix(".spec.json")
+    info = json.loads((run / "run.json").read_text())
+    spec.write_text(json.dumps({"train": info["data"]["train"]["path"], "fields": {"format": "instruction"},
+                                "seq_len": 32, "seed": 0}))
+    result = out.with_suffix(".result.json")
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // NPROC)),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(NPROC),
+               str(ROOT / "benchmarks" / "hf_trainer_worker.py"), "--model", str(model), "--data", str(spec),
+               "--ds-config", str(run / "ds_config.json"), "--out", str(out), "--result", str(result),
+               "--steps", str(steps), "--warmup-steps", "0", "--no-save"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"HF Trainer run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=13, help="decoder layers (default 13: ~100M parameters)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--no-trainer", action="store_true", help="dstk's runs only")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="dstk-zero-mem-"))
+    params = build_model(work / "model", args.layers)
+    precision = "fp32"  # the recipe default; bf16 on a CPU without bf16 units would take hours per step
+    print(f"LLaMA of {params / 1e6:.1f}M parameters, {NPROC} ranks, {precision}, {args.steps} steps; MiB per rank "
+          f"(the larger of the two ranks)")
+    header = (f"{'layout':15}{'theory':>8}{'dstk states':>12}{'/theory':>8}{'dstk peak':>10}"
+              f"{'Trainer states':>15}{'/theory':>8}{'Trainer peak':>13}{'peak dstk/Tr':>13}")
+    print(header + "\n" + "-" * len(header))
+    verdicts = []
+    for name, (stage, offload) in LAYOUTS.items():
+        run = work / f"dstk-z{stage}-{offload}"
+        mine = train(work / "model", run, stage, [f"parallel.offload={offload}", f"train.precision={precision}"],
+                     args.steps)
+        theirs = None if args.no_trainer else trainer_memory(work / "model", run, work / f"trainer-z{stage}-{offload}",
+                                                            args.steps)
+        expected = theory_mb(params, stage, precision)
+        states, peak = max(mine["model_state_mb_per_rank"]), max(mine["peak_rss_mb_per_rank"])
+        row = f"{name:15}{expected:>8.0f}{states:>12.0f}{states / expected:>8.2f}{peak:>10.0f}"
+        if theirs is not None:
+            t_states, t_peak = max(theirs["model_state_mb_per_rank"]), max(theirs["peak_rss_mb_per_rank"])
+            row += f"{t_states:>15.0f}{t_states / expected:>8.2f}{t_peak:>13.0f}{peak / t_peak:>12.2f}x"
+        print(row, flush=True)
+        if offload == "none":
+            verdicts.append(f"{name}: dstk model states {states / expected:.2f}x theory (goal <= {GOALS['theory']}): "
+                            f"{'met' if states / expected <= GOALS['theory'] else 'NOT met'}")
+        if name == "ZeRO-3" and theirs is not None:
+            ratio = peak / t_peak
+            verdicts.append(f"ZeRO-3 peak: dstk {ratio:.2f}x the Trainer's (goal <= {GOALS['zero3_vs_trainer']}): "
+                            f"{'met' if ratio <= GOALS['zero3_vs_trainer'] else 'NOT met'}")
+    print("\n".join(verdicts))
+    print(f"runs kept in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
