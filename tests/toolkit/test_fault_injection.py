@@ -73,7 +73,8 @@ def _reached(out: Path, step: int):
 
 
 def _wait_for(proc: subprocess.Popen, ready) -> None:
-    deadline = time.monotonic() + 240
+    # a guard against a hang, not a timing: the first launch on a machine may build DeepSpeed's ops
+    deadline = time.monotonic() + 600
     while not ready():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.002)
