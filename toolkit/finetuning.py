@@ -105,14 +105,17 @@ def _prepare_everywhere(recipe: Recipe) -> dict:
     status, value = outcome[0]
     if status == "error":
         raise value
-    if recipe.parallel.nodes > 1:
+    from toolkit.nodes import AGREED_ENV
+
+    if recipe.parallel.nodes > 1 and AGREED_ENV not in os.environ:
         _check_same_data(value)
     return value
 
 
 def _check_same_data(run: dict) -> None:
-    """Every other node checks it reads the data node 0 audited (a hostfile launch has no other
-    check before this); every rank learns of a difference, or the others would wait forever."""
+    """Every other node checks it reads the data node 0 audited (a hostfile launch, or the
+    launcher run by hand, has no check before this); every rank learns of a difference, or the
+    others would wait forever."""
     import torch.distributed as dist
 
     from toolkit.nodes import data_problems

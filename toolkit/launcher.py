@@ -91,7 +91,10 @@ def launch(recipe: Recipe, node_rank: int | None = None, dry_run: bool = False) 
             for warning in stale_extension_locks():
                 print(f"dstk: warning: {warning}", file=sys.stderr, flush=True)
             # its own session: the launcher and its workers form one process group that dstk can stop whole
-            launcher = subprocess.Popen(argv, env=worker_env(recipe), start_new_session=True)
+            env = worker_env(recipe)
+            if node_rank is not None:  # the NodeGate compared every node's data already
+                env[nodes.AGREED_ENV] = "1"
+            launcher = subprocess.Popen(argv, env=env, start_new_session=True)
             try:
                 return wait_stopping_on_signals(launcher)
             finally:

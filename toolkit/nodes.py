@@ -22,6 +22,8 @@ from toolkit.errors import AuditFailed, UserError
 from toolkit.recipe import Recipe
 
 DEFAULT_PORT = 29500  # DeepSpeed's and torch's default rendezvous port
+# Set in the workers' environment once every node agreed before launch, so they do not hash the data again.
+AGREED_ENV = "DSTK_NODES_AGREED"
 
 
 def per_node(recipe: Recipe) -> bool:
