@@ -12,8 +12,35 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
+
+
+def run(model: Path, train: str, fields: dict, seq_len: int, ds_config: Path, out: Path, steps: int,
+        warmup_steps: int, save: bool = True, nproc: int = 2) -> dict:
+    """Launch this worker on ``nproc`` ranks under the deepspeed launcher; return rank 0's figures.
+
+    The benchmarks' one way to run the Trainer side: records of ``train`` encoded as dstk does,
+    ``ds_config`` as dstk resolved it, the model saved to ``out`` unless ``save`` is off.
+    """
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec, result = out.with_suffix(".spec.json"), out.with_suffix(".result.json")
+    spec.write_text(json.dumps({"train": str(train), "fields": fields, "seq_len": seq_len, "seed": 0}))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), __file__,
+               "--model", str(model), "--data", str(spec), "--ds-config", str(ds_config), "--out", str(out),
+               "--result", str(result), "--steps", str(steps), "--warmup-steps", str(warmup_steps),
+               *([] if save else ["--no-save"])]
+    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"HF Trainer run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(result.read_text())
 
 
 def main() -> None:

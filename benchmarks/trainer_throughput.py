@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import hf_trainer_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
@@ -145,19 +146,8 @@ def run_dstk(model: Path, train: Path, out: Path, fields: dict, args, packing: b
 
 
 def run_trainer(model: Path, train: Path, out: Path, fields: dict, ds_config: Path, args) -> dict:
-    spec = out.with_suffix(".spec.json")
-    spec.write_text(json.dumps({"train": str(train), "fields": fields, "seq_len": args.seq_len, "seed": 0}))
-    result = out.with_suffix(".result.json")
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // NPROC)),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(NPROC),
-               str(ROOT / "benchmarks" / "hf_trainer_worker.py"), "--model", str(model), "--data", str(spec),
-               "--ds-config", str(ds_config), "--out", str(out), "--result", str(result), "--steps", str(args.steps),
-               "--warmup-steps", str(args.warmup_steps)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"HF Trainer run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
-    figures = json.loads(result.read_text())
+    figures = hf_trainer_worker.run(model, train, fields, args.seq_len, ds_config, out, args.steps, args.warmup_steps,
+                                    nproc=NPROC)
     return {"tokens_per_s": figures["tokens"] / figures["elapsed_s"], "final": out}
 
 

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import hf_trainer_worker
 from lora_memory import build_model, train
 
-ROOT = Path(__file__).resolve().parents[1]
 NPROC = 2
 LAYOUTS = {"ZeRO-0": (0, "none"), "ZeRO-1": (1, "none"), "ZeRO-2": (2, "none"), "ZeRO-3": (3, "none"),
            "ZeRO-3 offload": (3, "cpu")}
@@ -55,21 +53,9 @@ def paper_mb(params: int, stage: int, ranks: int = NPROC) -> float:
 
 def trainer_memory(model: Path, run: Path, out: Path, steps: int) -> dict:
     """The HF Trainer on dstk's resolved config and encoded records of ``run``."""
-    spec = out.with_suffix(".spec.json")
     info = json.loads((run / "run.json").read_text())
-    spec.write_text(json.dumps({"train": info["data"]["train"]["path"], "fields": {"format": "instruction"},
-                                "seq_len": 32, "seed": 0}))
-    result = out.with_suffix(".result.json")
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // NPROC)),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(NPROC),
-               str(ROOT / "benchmarks" / "hf_trainer_worker.py"), "--model", str(model), "--data", str(spec),
-               "--ds-config", str(run / "ds_config.json"), "--out", str(out), "--result", str(result),
-               "--steps", str(steps), "--warmup-steps", "0", "--no-save"]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"HF Trainer run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
+    return hf_trainer_worker.run(model, info["data"]["train"]["path"], {"format": "instruction"}, 32,
+                                 run / "ds_config.json", out, steps, warmup_steps=0, save=False, nproc=NPROC)
 
 
 def main() -> int:
