@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from toolkit.data import IGNORE, EncodedSet, GlobalBatches, collate, eval_shards
 from toolkit.data.packing import pack
-from toolkit.metrics import MetricsLogger
+from toolkit.comms import CommClock
+from toolkit.metrics import MetricsLogger, per_rank
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +80,7 @@ class Trainer:
                               and engine.autotp_size() <= 1)  # 0 when AutoTP is off
         self._own_norm = None
         self._norm_wanted = True  # fit() asks for it on the steps it logs only
+        self.comm_clock = CommClock()  # timed on the steps it logs only
 
     def grad_norm(self) -> float | None:
         """The last step's global gradient norm before clipping (None where it is not known)."""
@@ -119,6 +121,13 @@ class Trainer:
             self.engine.step()
             share += micro.detach()
         return share
+
+    def _comm_share(self, comm_s: float | None, step_s: float) -> float | None:
+        """The mean over ranks of the share of the step spent communicating (a collective call)."""
+        if comm_s is None:
+            return None
+        shares = per_rank(comm_s / step_s, digits=4)
+        return round(sum(shares) / len(shares), 4)
 
     def step_loss(self, share: torch.Tensor) -> float:
         """The step loss from every rank's share (a collective call)."""
@@ -179,10 +188,14 @@ class Trainer:
             checkpointing = bool(train.save_steps) and done % train.save_steps == 0 and done != train.max_steps
             synced = done % train.log_steps == 0 or done == train.max_steps or checkpointing
             self._norm_wanted = synced
+            if synced:
+                self.comm_clock.start()
+                step_start = time.perf_counter()
             share = self.train_step(step)
             window_tokens += self.batches.tokens(step)
             if synced:
                 loss = self.step_loss(share)  # the only host sync of a step, on logging steps
+                comm_share = self._comm_share(self.comm_clock.stop(), time.perf_counter() - step_start)
                 reason = guard.check(loss) if policy.action != "off" else None
                 if reason is not None:
                     lines.append(self.logger.log_event(step=done, event="divergence", reason=reason, bad_loss=str(loss),
@@ -195,8 +208,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 lines.append(self.logger.log_step(
                     step=done, loss=loss, lr=self.engine.get_lr()[0], tokens=self.batches.tokens(step),
-                    tokens_per_s=window_tokens / elapsed, grad_norm=self.grad_norm()))
-                window_tokens, window_start = 0, time.perf_counter()
+                    tokens_per_s=window_tokens / elapsed, grad_norm=self.grad_norm(), comm_share=comm_share))
             self.logger.advance()
             metrics = {"loss": lines[-1]["loss"]} if checkpointing else {}
             if self.evalset is not None and train.eval_steps and done % train.eval_steps == 0 \
@@ -205,6 +217,8 @@ class Trainer:
                 metrics["eval_loss"] = result.loss
             if checkpointing:
                 save(done, metrics)
+            if synced:  # the next window times training only, not this step's evaluation or save
+                window_tokens, window_start = 0, time.perf_counter()
             step = done
         self.logger.close_progress()
         return lines

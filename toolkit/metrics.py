@@ -2,7 +2,8 @@
 
 Every logged line carries the fields PRODUCT.md names: ``step``, ``loss``, ``lr``, ``tokens``
 (non-padding tokens of the step, all ranks), ``tokens_per_s`` (over the logging window),
-``elapsed_s`` and ``peak_rss_mb`` (largest rank). Eval lines carry ``eval_loss``.
+``elapsed_s``, ``peak_rss_mb`` (largest rank) and ``comm_share`` (the share of the logged step
+spent in communication, mean of the ranks; see ``toolkit.comms``). Eval lines carry ``eval_loss``.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ def peak_rss_mb() -> float:
     return round(mine.item(), 1)
 
 
-def per_rank(value: float) -> list[float]:
-    """Every rank's ``value``, by rank (a collective call)."""
+def per_rank(value: float, digits: int = 1) -> list[float]:
+    """Every rank's ``value``, by rank, rounded to ``digits`` (a collective call)."""
     every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(every, torch.tensor([value], dtype=torch.float64))
-    return [round(t.item(), 1) for t in every]
+    return [round(t.item(), digits) for t in every]
 
 
 def peak_rss_mb_per_rank() -> list[float]:
@@ -117,10 +118,12 @@ class MetricsLogger:
         return line
 
     def log_step(self, *, step: int, loss: float, lr: float, tokens: int, tokens_per_s: float,
-                 grad_norm: float | None = None) -> dict:
+                 grad_norm: float | None = None, comm_share: float | None = None) -> dict:
         line = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": round(tokens_per_s, 1)}
         if grad_norm is not None:
             line["grad_norm"] = grad_norm
+        if comm_share is not None:
+            line["comm_share"] = comm_share
         return self._write(line)
 
     def log_event(self, *, step: int, event: str, **details) -> dict:

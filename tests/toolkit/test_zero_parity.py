@@ -95,6 +95,15 @@ def test_run_resumes_from_its_own_checkpoint(two_ranks, layout):
         assert rank[layout]["resumed_losses"] == pytest.approx(rank[layout]["losses"][3:], rel=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["zero0", "zero3", "pipe2", "tp2"])
+def test_every_logged_step_reports_its_communication_share(reference, two_ranks, layout):
+    shares = two_ranks[0][layout]["comm_shares"]
+    assert len(shares) == 5 and all(0 < share < 1 for share in shares)
+    # a single rank has no one to talk to: its share is DeepSpeed's bookkeeping, far below any 2-rank one
+    alone = reference["single"]["comm_shares"]
+    assert max(alone) < 0.1 < min(shares)
+
+
 @pytest.mark.parametrize("layout", ["zero0", "zero3", "tp2", "tp2_mistral", "tp2_gpt-neox", "tp2_phi"])
 def test_final_reloads_to_trained_engine_logits(two_ranks, layout):
     assert two_ranks[0][layout]["final_vs_engine"] < 1e-5

@@ -1,7 +1,7 @@
 """Worker: fine-tune the same recipe under several parallel layouts in one launch.
 
 Usage: finetune_layouts.py OUT --layout NAME=key=value,key=value ... [-- key=value ...]
-Writes, per layout, the logged losses, how much of the model this rank holds, and on rank 0 the
+Writes, per layout, the logged losses and communication shares, how much of the model this rank holds, and on rank 0 the
 logits of its consolidated final/ (reloaded by from_pretrained; a LoRA adapter onto its base) on a
 fixed probe; for layouts driven module by module, also the largest relative difference to the
 trained engine's logits.
@@ -9,6 +9,7 @@ trained engine's logits.
 
 import argparse
 import gc
+import json
 
 import deepspeed
 import torch
@@ -87,7 +88,8 @@ for spec in args.layout:
     name, _, overrides = spec.partition("=")
     result = finetune(None, [f"output_dir={args.out}/{name}", f"parallel.nproc={dist.get_world_size()}",
                              *common, *filter(None, overrides.split(","))])
-    entry = {"losses": result.losses}
+    logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    entry = {"losses": result.losses, "comm_shares": [line["comm_share"] for line in logged if "loss" in line]}
     params = list(result.engine.module.parameters())
     # ZeRO-3 keeps a rank's shard in ds_tensor; other layouts hold what parameters() shows
     entry["partitioned"] = all(hasattr(p, "ds_tensor") for p in params)
