@@ -10,6 +10,7 @@ import atexit
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,6 +154,12 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
         recipe = load_recipe(recipe, overrides)
     _quiet_libraries()
     _init_distributed(recipe)
+    # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
+    # garbage-collected, which ranks do at different times: rank 0's meta-device parameter count
+    # in prepare() would then run under zero.Init, alone, and hang the job.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if dist.get_world_size() != recipe.parallel.nproc:
         raise UserError(f"the recipe sets parallel.nproc={recipe.parallel.nproc} but "
                         f"{dist.get_world_size()} rank(s) were started",
@@ -216,7 +223,13 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
         eval_before=None if eval_before is None else vars(eval_before),
         eval_after=None if eval_after is None else vars(eval_after), engine=engine)
     if rank == 0:
+        from toolkit.report import write_report
+
         _record_result(run_dir, result, memory)
+        try:
+            write_report(run_dir)
+        except Exception as err:  # the model and its lineage are saved; a report must not undo that
+            print(f"dstk: the run finished but its report could not be written ({err!r})", file=sys.stderr)
     dist.barrier()
     return result
 

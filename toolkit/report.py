@@ -1,4 +1,9 @@
-"""The end-of-run report on the console: what happened and where everything is."""
+"""The end-of-run report: ``report.md`` and ``report.png`` in the run directory, and the console summary.
+
+Both are made from what the run directory already holds (``run.json`` and ``metrics.jsonl``), so
+the report says what the files say. Rank 0 writes the report at the end of every finished run,
+whatever started it; the ``dstk train`` console summary prints the same rows and says where it is.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,88 @@ def _metrics(run_dir: RunDir) -> list[dict]:
     return [json.loads(line) for line in run_dir.metrics.read_text().splitlines() if line.strip()]
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _layout(parallel: dict) -> str:
+    return f"ZeRO-{parallel['zero_stage']}" \
+        + (f" (offload {parallel['offload']})" if parallel.get("offload", "none") != "none" else "") \
+        + (f", {parallel['pipeline_stages']} pipeline stages" if parallel["pipeline_stages"] > 1 else "") \
+        + (f", tensor parallel {parallel['tensor_parallel']}" if parallel["tensor_parallel"] > 1 else "")
+
+
+def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
+    """The report's (label, value) rows: the same on the console and in report.md."""
+    found: list[tuple[str, str]] = []
+    parallel, result = run["parallel"], run.get("result", {})
+    if "pipeline" in parallel:
+        pipe = parallel["pipeline"]
+        found += [("pipeline", pipe["summary"]),
+                  ("bubble", f"{pipe['bubble_fraction']:.1%} of each step ({pipe['micro_batches']} micro-batches)")]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    if losses:
+        found.append(("loss", f"{losses[0]:.4f} -> {losses[-1]:.4f}"))
+    before, after = result.get("eval_before"), result.get("eval_after")
+    if before and after:
+        found += [("eval loss", f"{before['loss']:.4f} -> {after['loss']:.4f}"),
+                  ("exact match", f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} "
+                                  f"({after['records']} held-out records)")]
+    speed = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line]
+    if speed:
+        found.append(("tokens/s", f"{_mean(speed):.0f} (mean of logged windows)"))
+    comm = [line["comm_share"] for line in lines if "comm_share" in line]
+    if comm:
+        found.append(("communication", f"{_mean(comm):.0%} of step time (mean of logged steps and ranks)"))
+    params = parallel["parameters"]
+    found.append(("parameters", f"{params['trainable']:,} trained of {params['total']:,}"
+                                + (" (LoRA adapters)" if run.get("lora") else "")))
+    if "peak_rss_mb_per_rank" in result:
+        found.append(("peak memory", f"{', '.join(f'{mb:,.0f}' for mb in result['peak_rss_mb_per_rank'])} MiB "
+                                     "resident, by rank"))
+    if "model_state_mb_per_rank" in result:
+        found.append(("model states", f"{', '.join(f'{mb:,.0f}' for mb in result['model_state_mb_per_rank'])} MiB "
+                                      "(weights, gradients, optimizer), by rank"))
+    found.append(("audit", f"{run['audit']['verdict']}  {run['audit'].get('report', '')}".rstrip()))
+    return found
+
+
+def _plot(lines: list[dict], path: Path) -> None:
+    # matplotlib's Figure without pyplot: no GUI backend, no global state, safe in any process
+    from matplotlib.figure import Figure
+
+    steps = [line for line in lines if "loss" in line]
+    evals = [line for line in lines if "eval_loss" in line]
+    figure = Figure(figsize=(12, 3.4), layout="constrained")
+    loss, speed, comm = figure.subplots(1, 3)
+    loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train", marker=".")
+    if evals:
+        loss.plot([e["step"] for e in evals], [e["eval_loss"] for e in evals], label="eval", marker="o")
+    loss.set(title="loss", xlabel="step", yscale="log")
+    loss.legend()
+    speed.plot([s["step"] for s in steps], [s["tokens_per_s"] for s in steps], marker=".")
+    speed.set(title="real tokens/s (logged window)", xlabel="step", ylim=(0, None))
+    shared = [s for s in steps if "comm_share" in s]
+    comm.plot([s["step"] for s in shared], [100 * s["comm_share"] for s in shared], marker=".")
+    comm.set(title="communication, % of step", xlabel="step", ylim=(0, 100))
+    figure.savefig(path, dpi=100)
+
+
+def write_report(run_dir: RunDir) -> Path:
+    """Write ``report.md`` and its picture ``report.png`` for a finished run; returns report.md."""
+    run, lines = run_dir.read_run(), _metrics(run_dir)
+    _plot(lines, run_dir.report_plot)
+    result = run.get("result", {})
+    table = "\n".join(f"| {label} | {value} |" for label, value in rows(run, lines))
+    text = (f"# {run_dir.root.name}: {run['status']} {result.get('steps')} steps of {run['model']['name']}\n\n"
+            f"{run['parallel']['nproc']} rank(s), {_layout(run['parallel'])}\n\n"
+            f"![loss, throughput and communication]({run_dir.report_plot.name})\n\n"
+            f"| | |\n|---|---|\n{table}\n\n"
+            f"Files: model `final/`, metrics `metrics.jsonl`, checkpoints `checkpoints/`, lineage `run.json`.\n")
+    run_dir.report.write_text(text, encoding="utf-8")
+    return run_dir.report
+
+
 def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout, node_rank: int | None = None) -> None:
     run_dir = RunDir(Path(recipe.output_dir))
     on_node = "" if node_rank is None else f" --node-rank {node_rank}"
@@ -28,35 +115,10 @@ def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout, node_rank:
         print(f"\ndstk train: node {node_rank} finished; node 0 reports the run", file=out)
         return
     run = run_dir.read_run()
-    lines = _metrics(run_dir)
-    losses = [line["loss"] for line in lines if "loss" in line]
-    speed = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line]
-    result = run.get("result", {})
-    p = recipe.parallel
-    layout = f"ZeRO-{p.zero_stage}" + (f", {p.pipeline_stages} pipeline stages" if p.pipeline_stages > 1 else "") \
-        + (f", tensor parallel {p.tensor_parallel}" if p.tensor_parallel > 1 else "")
-    print(f"\ndstk train: {run['status']} {result.get('steps')} steps of {run['model']['name']} "
-          f"on {p.nproc} rank(s), {layout}", file=out)
-    if "pipeline" in run["parallel"]:
-        pipe = run["parallel"]["pipeline"]
-        print(f"  {pipe['summary']}\n  bubble        {pipe['bubble_fraction']:.1%} of each step "
-              f"({pipe['micro_batches']} micro-batches)", file=out)
-    if losses:
-        print(f"  loss          {losses[0]:.4f} -> {losses[-1]:.4f}", file=out)
-    before, after = result.get("eval_before"), result.get("eval_after")
-    if before and after:
-        print(f"  eval loss     {before['loss']:.4f} -> {after['loss']:.4f}", file=out)
-        print(f"  exact match   {before['accuracy']:.1%} -> {after['accuracy']:.1%} "
-              f"({after['records']} held-out records)", file=out)
-    if speed:
-        print(f"  tokens/s      {sum(speed) / len(speed):.0f} (mean of logged windows)", file=out)
-    params = run["parallel"]["parameters"]
-    print(f"  parameters    {params['trainable']:,} trained of {params['total']:,}"
-          + (" (LoRA adapters)" if run.get("lora") else ""), file=out)
-    if "peak_rss_mb_per_rank" in result:
-        print(f"  peak memory   {', '.join(f'{mb:,.0f}' for mb in result['peak_rss_mb_per_rank'])} MiB "
-              "resident, by rank", file=out)
-    print(f"  audit         {run['audit']['verdict']}  {run['audit'].get('report', '')}", file=out)
-    for label, path in (("model", run_dir.final), ("metrics", run_dir.metrics),
+    print(f"\ndstk train: {run['status']} {run.get('result', {}).get('steps')} steps of {run['model']['name']} "
+          f"on {run['parallel']['nproc']} rank(s), {_layout(run['parallel'])}", file=out)
+    for label, value in rows(run, _metrics(run_dir)):
+        print(f"  {label:<13} {value}", file=out)
+    for label, path in (("report", run_dir.report), ("model", run_dir.final), ("metrics", run_dir.metrics),
                         ("checkpoints", run_dir.checkpoints), ("lineage", run_dir.run_json)):
         print(f"  {label:<13} {path}", file=out)

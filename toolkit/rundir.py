@@ -44,6 +44,8 @@ class RunDir:
     final = property(lambda self: self.root / "final")
     data = property(lambda self: self.root / "data")
     base_model = property(lambda self: self.root / "base_model")
+    report = property(lambda self: self.root / "report.md")
+    report_plot = property(lambda self: self.root / "report.png")
 
     def read_run(self) -> dict:
         return json.loads(self.run_json.read_text(encoding="utf-8"))
@@ -78,8 +80,9 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
     if existing is not None:
         return existing
     source = resolve_model(recipe.model, recipe.trust_remote_code)
-    config = ds_config_module.build(recipe)
-    parallel = layout.describe(recipe, layout.model_config(recipe, source))
+    model_config = layout.model_config(recipe, source)
+    config = ds_config_module.build(recipe, getattr(model_config, "hidden_size", None))
+    parallel = layout.describe(recipe, model_config)
     data = resolve_all_data(recipe)
     audit_entry = audited if audited is not None else _audit(recipe, source, data, run_dir)
     run_dir.root.mkdir(parents=True, exist_ok=True)

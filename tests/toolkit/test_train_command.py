@@ -54,10 +54,27 @@ def test_metrics_have_the_product_fields_and_the_loss_falls(default_run):
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
     for line in steps:
-        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "peak_rss_mb"} <= set(line)
-        assert line["tokens"] > 0 and line["peak_rss_mb"] > 0
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s", "peak_rss_mb", "comm_share"} <= set(line)
+        assert line["tokens"] > 0 and line["peak_rss_mb"] > 0 and 0 < line["comm_share"] < 1
     assert steps[-1]["loss"] < 0.3 * steps[0]["loss"]
     assert any("eval_loss" in line for line in lines)
+
+
+def test_the_run_report_says_what_the_run_directory_says(default_run):
+    out, proc = default_run
+    run = json.loads((out / "run.json").read_text())
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    report = (out / "report.md").read_text()
+    losses = [line["loss"] for line in lines if "loss" in line]
+    comm = [line["comm_share"] for line in lines if "comm_share" in line]
+    after = run["result"]["eval_after"]
+    assert f"| loss | {losses[0]:.4f} -> {losses[-1]:.4f} |" in report
+    assert f"-> {after['accuracy']:.1%} ({after['records']} held-out records)" in report
+    assert f"| communication | {sum(comm) / len(comm):.0%} of step time" in report
+    assert f"| audit | {run['audit']['verdict']}" in report and "](report.png)" in report
+    picture = (out / "report.png").read_bytes()
+    assert picture.startswith(b"\x89PNG\r\n\x1a\n") and len(picture) > 10_000  # three drawn panels, not a blank
+    assert f"report        {out / 'report.md'}" in proc.stdout
 
 
 def test_lineage_names_data_audit_and_versions(default_run):
