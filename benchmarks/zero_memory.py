@@ -8,10 +8,12 @@ the DeepSpeed config dstk resolved for it: same model, records, ranks and steps.
 
 * model states: the bytes of every tensor the engine's parameters and optimizer hold after the
   steps (``toolkit.metrics.model_state_mb``), both sides measured the same way. After the optimizer
-  step the gradients are freed, so the theory they are set beside is weights + optimizer state:
-  for Ψ parameters on N ranks, wΨ + kΨ for stage 0, wΨ + kΨ/N for 1 and 2, (w + k)Ψ/N for 3, with
+  step stages 0-2 have freed the gradients, so the theory they are set beside is weights +
+  optimizer state: for Ψ parameters on N ranks, wΨ + kΨ for stage 0, wΨ + kΨ/N for 1 and 2, with
   w=4 bytes per weight in fp32 and k=8 for Adam's moments, plus 4 for the fp32 master copy that
-  DeepSpeed's ZeRO optimizers (stages 1-3) keep even in fp32. The ZeRO paper's mixed-precision
+  DeepSpeed's ZeRO optimizers (stages 1-3) keep even in fp32. Stage 3 keeps its gradient partition
+  allocated between steps: (w + 4 + k)Ψ/N. Its reduce bucket (``reduce_bucket_size`` elements,
+  also kept) is not in the theory: dstk sizes it from the hidden size (4 MiB here). The ZeRO paper's mixed-precision
   formulas, gradients included (16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N), are printed beside them.
   Goal: within 1.15x of theory.
 * peak: the largest resident memory of the rank. Without an accelerator the "device" is host
@@ -38,10 +40,14 @@ GOALS = {"theory": 1.15, "zero3_vs_trainer": 0.56}
 
 
 def after_step_mb(params: int, stage: int, ranks: int = NPROC) -> float:
-    """fp32 weights and optimizer state, sharded as ZeRO ``stage`` shards them (gradients are freed)."""
+    """fp32 model states after a step, sharded as ZeRO ``stage`` shards them.
+
+    Stages 0-2 free the gradients after the step; stage 3 keeps its gradient partition in a flat
+    buffer it allocates once (DeepSpeed's ``grad_partitions_flat_buffer``), so it counts there.
+    """
     weights, optimizer = 4, 8 + (4 if stage > 0 else 0)  # ZeRO 1-3 keep an fp32 master copy too
     per_param = {0: weights + optimizer, 1: weights + optimizer / ranks, 2: weights + optimizer / ranks,
-                 3: (weights + optimizer) / ranks}[stage]
+                 3: (weights + 4 + optimizer) / ranks}[stage]
     return params * per_param / 2**20
 
 
@@ -63,6 +69,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=13, help="decoder layers (default 13: ~100M parameters)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--no-trainer", action="store_true", help="dstk's runs only")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS), metavar="LAYOUT",
+                        help=f"a subset of {', '.join(map(repr, LAYOUTS))}")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dstk-zero-mem-"))
@@ -74,7 +82,8 @@ def main() -> int:
               f"{'Trainer states':>15}{'/theory':>8}{'Trainer peak':>13}{'peak dstk/Tr':>13}")
     print(header + "\n" + "-" * len(header))
     verdicts = []
-    for name, (stage, offload) in LAYOUTS.items():
+    for name in args.layouts:
+        stage, offload = LAYOUTS[name]
         run = work / f"dstk-z{stage}-{offload}"
         mine = train(work / "model", run, stage, [f"parallel.offload={offload}", f"train.precision={precision}"],
                      args.steps)

@@ -27,7 +27,7 @@ KNOWN_KEYS = frozenset({
     "data_efficiency", "curriculum_learning", "disable_allgather", "sparse_attention", "torch_autocast",
     "graph_harvesting", "use_data_before_expert_parallelism", "timers", "compile", "weight_quantization",
     "hybrid_engine", "autotuning", "nebula", "eigenvalue", "progressive_layer_drop", "quantize_training",
-    "gradient_accumulation_dtype", "load_universal_checkpoint", "use_node_local_storage",
+    "gradient_accumulation_dtype", "load_universal_checkpoint", "use_node_local_storage", "comms_logger",
 })
 
 
@@ -76,8 +76,14 @@ def check_keys(config: dict[str, Any], origin: str) -> None:
         raise UserError(f"{origin}: unknown DeepSpeed key `{key}`", hint)
 
 
-def build(recipe: Recipe) -> dict[str, Any]:
+def build(recipe: Recipe, hidden_size: int | None = None) -> dict[str, Any]:
     """The resolved DeepSpeed config for a recipe: template with every ``"auto"`` filled.
+
+    ``hidden_size`` (the model's) sizes ZeRO-3's buckets as transformers' and accelerate's
+    ``"auto"`` do: ``hidden_size²`` elements, here at least 2**20 (also when it is unknown). ZeRO-3 keeps its reduce bucket
+    allocated for the whole run, so a fixed 5e7-element bucket was 191 MiB of fp32 per rank on a
+    100M-parameter model; the floor keeps tiny models from paying a collective per few thousand
+    gradients.
 
     Raises:
         UserError: the template is unreadable, has unknown keys, or contradicts the recipe.
@@ -102,6 +108,9 @@ def build(recipe: Recipe) -> dict[str, Any]:
         "scheduler.params.warmup_num_steps": recipe.warmup_steps,
         "scheduler.params.cos_min_ratio": t.min_lr_ratio,
     }
+    bucket = max((hidden_size or 0) ** 2, 2**20)
+    values["zero_optimization.reduce_bucket_size"] = bucket
+    values["zero_optimization.stage3_prefetch_bucket_size"] = int(0.9 * bucket)
     _fill_auto(config, values, prefix="")
     for key, wanted in (("zero_optimization.stage", p.zero_stage),
                         ("tensor_parallel.autotp_size", p.tensor_parallel)):
@@ -123,12 +132,19 @@ def _prefer_torch_adam_on_cpu(config: dict[str, Any], offload: str) -> None:
     compiles with g++ on first use (minutes, and a ``lock`` file that hangs every later job if the
     build is killed). Offload keeps DeepSpeed's CPU Adam, which it requires; a config that sets
     ``torch_adam`` itself is left as it is.
+
+    torch's fused CPU kernel (``fused``) updates in one pass. Its default loop form makes
+    temporaries as large as what it updates, and ZeRO hands it one flat fp32 tensor per group, the
+    rank's whole partition: measured on a 100M-parameter model, 2 ranks, the fused form lowered
+    the ZeRO-3 peak from 2,983 to 2,515 MiB and ZeRO-2's from 2,488 to 2,248.
     """
     import torch
 
     optimizer = config.get("optimizer", {})
-    if offload == "none" and not torch.cuda.is_available() and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
-        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+    params = optimizer.setdefault("params", {})
+    if offload == "none" and not torch.cuda.is_available() and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
+            and "torch_adam" not in params:
+        params.update(torch_adam=True, fused=True)
 
 
 def _fill_auto(node: dict[str, Any], values: dict[str, Any], prefix: str) -> None:

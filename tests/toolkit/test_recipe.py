@@ -2,12 +2,15 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from toolkit import ds_config
 from toolkit.errors import UserError
 from toolkit.recipe import builtin_recipes, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", builtin_recipes())
@@ -29,6 +32,26 @@ def test_every_template_fills_from_recipe(stage, offload, extra):
     assert config["zero_optimization"]["stage"] == stage
     assert config["train_batch_size"] == 3 * 5 * recipe.parallel.nproc // recipe.parallel.pipeline_stages
     assert config["optimizer"]["params"]["lr"] == 0.01
+
+
+def test_cpu_training_uses_torchs_fused_adamw_unless_the_config_chooses(tmp_path):
+    config = ds_config.build(load_recipe("tiny"))
+    assert config["optimizer"]["params"]["torch_adam"] is True and config["optimizer"]["params"]["fused"] is True
+    mine = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
+    mine["optimizer"]["params"]["torch_adam"] = False
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(mine))
+    chosen = ds_config.build(load_recipe("tiny", [f"parallel.ds_config={path}"]))["optimizer"]["params"]
+    assert chosen["torch_adam"] is False and "fused" not in chosen
+
+
+def test_zero3_buckets_follow_the_hidden_size():
+    config = ds_config.build(load_recipe("tiny", ["parallel.zero_stage=3"]), hidden_size=4096)
+    assert config["zero_optimization"]["reduce_bucket_size"] == 4096**2
+    assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
+    # a tiny model would otherwise reduce its gradients a few thousand at a time
+    assert ds_config.build(load_recipe("tiny", ["parallel.zero_stage=3"]), hidden_size=64)[
+        "zero_optimization"]["reduce_bucket_size"] == 2**20
 
 
 def test_every_template_is_shipped():
