@@ -84,6 +84,7 @@ def export(
     compute_dtype: str | None = None,
     eval_data: str | Path | Sequence[dict] | None = None,
     eval_fields=None,
+    max_loss_rise: float | None = None,
     trust_remote_code: bool = False,
 ) -> ExportResult:
     """Quantize a model, adapter or run with bitsandbytes, verify the saved copy and report on it.
@@ -101,6 +102,9 @@ def export(
             and after quantization; without it the report has no quality section.
         eval_fields: format and field names of ``eval_data`` (a ``toolkit.recipe.DataConfig``);
             default: told by its first record.
+        max_loss_rise: the largest relative eval-loss rise allowed (e.g. 0.03); the layers that
+            quantization hurts most are then left in full precision too, as few as the budget
+            allows (see :mod:`toolkit.sensitivity`). Needs ``eval_data``.
         trust_remote_code: allow model code shipped inside the source directory to run.
 
     Returns:
@@ -112,6 +116,9 @@ def export(
     """
     start = time.perf_counter()
     _check_options(quant, double_quant, compute_dtype)
+    if max_loss_rise is not None and (eval_data is None or not max_loss_rise > 0):
+        raise UserError(f"--max-loss-rise {max_loss_rise} needs a positive fraction and --eval-data to measure it on",
+                        "give e.g. --max-loss-rise 0.03 --eval-data FILE")
     out = Path(out) if out is not None else None
     if out is not None:
         _check_out(out)  # before resolving, which imports transformers
@@ -133,6 +140,7 @@ def export(
         "double_quant": (quant != "int8") if double_quant is None else double_quant,
         "keep_fp": list(keep_fp),
         "compute_dtype": compute_dtype,
+        "max_loss_rise": max_loss_rise,
     }
     scratch = [Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))]
     try:
@@ -175,10 +183,19 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
     options["compute_dtype"] = options["compute_dtype"] or str(source.model.dtype).removeprefix("torch.")
     times["source"], tick = time.perf_counter() - tick, time.perf_counter()
 
-    config = quantize.bnb_config(
-        options["quant"], double_quant=options["double_quant"], keep_fp=tuple(options["keep_fp"]), compute_dtype=options["compute_dtype"]
-    )
-    quantized = inference.load(model_dir, quantization_config=config, trust_remote_code=trust_remote_code)
+    def bnb_config():
+        return quantize.bnb_config(options["quant"], double_quant=options["double_quant"],
+                                   keep_fp=tuple(options["keep_fp"]), compute_dtype=options["compute_dtype"])
+
+    search = None
+    if options["max_loss_rise"] is not None:
+        from toolkit.sensitivity import layers_to_keep
+
+        search = layers_to_keep(model_dir, bnb_config(), source, evaluation, before.loss, options["max_loss_rise"],
+                                trust_remote_code)
+        options["keep_fp"] = options["keep_fp"] + search.kept
+        times["keep_search"], tick = time.perf_counter() - tick, time.perf_counter()
+    quantized = inference.load(model_dir, quantization_config=bnb_config(), trust_remote_code=trust_remote_code)
     # Save before the quantized model runs anything: see toolkit.quantize on why a forward pass first
     # would make bitsandbytes write wrong block scales.
     quantize.save_quantized(quantized.model, staging)
@@ -213,7 +230,8 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
 
     return {
         "format": "dstk-export/1",
-        "quantization": options | {"quantized_modules": weights.modules, "versions": quantize.versions()},
+        "quantization": options | {"quantized_modules": weights.modules, "versions": quantize.versions(),
+                                   "keep_search": None if search is None else search.as_dict()},
         "size": _sizes(source_sizes, staging, quantized.model),
         "quality": _quality(before, after),
         "verification": {

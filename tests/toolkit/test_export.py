@@ -101,6 +101,44 @@ def test_4bit_export_reloads_as_the_saved_model(llama, eval_file, tmp_path, quan
     assert report["eval_data"]["sha256"] == sha256_file(eval_file)
 
 
+@pytest.fixture(scope="module")
+def outlier_llama(llama, tmp_path_factory) -> Path:
+    """The trained llama with one large weight in every 64-block of one layer: 4-bit blockwise
+    quantization then rounds that layer's other weights to a few levels, and it alone hurts."""
+    folder = tmp_path_factory.mktemp("src") / "outliers"
+    model = AutoModelForCausalLM.from_pretrained(llama)
+    with torch.no_grad():
+        weight = model.get_submodule(HURT_LAYER).weight.view(-1)
+        weight[::64] = 30 * weight.std()
+    model.save_pretrained(folder)
+    inference.load(llama).tokenizer.save_pretrained(folder)
+    return folder
+
+
+HURT_LAYER = "model.layers.1.mlp.down_proj"
+
+
+def test_a_loss_budget_keeps_the_layers_quantization_hurts_most_in_full_precision(outlier_llama, eval_file, tmp_path):
+    plain = export(outlier_llama, "fp4", tmp_path / "plain", double_quant=False, eval_data=eval_file).report
+    rise = plain["quality"]["loss_change"]
+    assert rise > 0.0005, rise
+
+    result = export(outlier_llama, "fp4", tmp_path / "kept", double_quant=False, eval_data=eval_file,
+                    max_loss_rise=rise / 4)
+
+    report = _assert_faithful_export(result.out_dir, outlier_llama, "fp4", False)
+    search, quantization = report["quantization"]["keep_search"], report["quantization"]
+    assert search["kept"][0] == HURT_LAYER and len(search["kept"]) < 28
+    assert quantization["keep_fp"] == ["lm_head", *search["kept"]]
+    assert quantization["quantized_modules"] == 28 - len(search["kept"])
+    assert HURT_LAYER not in quantize.quantized_modules(inference.load(result.out_dir).model)
+    # the budget holds on the export itself, quantized afresh and reloaded, not only in the search
+    assert report["quality"]["loss_change"] <= rise / 4
+    assert search["final_loss"] == pytest.approx(report["quality"]["after"]["loss"], rel=1e-5)
+    gains = list(search["gains"].values())
+    assert gains == sorted(gains, reverse=True) and list(search["gains"])[: len(search["kept"])] == search["kept"]
+
+
 def test_int8_export_of_a_run_through_the_cli_records_lineage(llama, eval_file, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "audit").mkdir(parents=True)
@@ -205,6 +243,7 @@ def bert_dir(tmp_path_factory) -> Path:
         (["export", "{bert}", "--quant", "nf4"], "BertForMaskedLM is not a causal language model"),
         (["export", "{llama}", "--quant", "int4"], "invalid choice: 'int4'"),
         (["export", "{llama}", "--quant", "nf4", "-o", "taken"], "taken already exists"),
+        (["export", "{llama}", "--quant", "nf4", "--max-loss-rise", "0.03"], "needs a positive fraction and --eval-data"),
     ],
 )
 def test_bad_export_input_exits_2_with_one_line_and_writes_nothing(llama, bert_dir, tmp_path, args, message):

@@ -29,6 +29,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, help="4-bit compute dtype (default: the source's)")
     parser.add_argument("--eval-data", metavar="F", help="eval set scored before and after quantization")
+    parser.add_argument(
+        "--max-loss-rise", type=float, metavar="FRACTION",
+        help="also keep in full precision the layers quantization hurts most, as few as keep the eval loss "
+        "within this relative rise (e.g. 0.03); needs --eval-data",
+    )
     add_data_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code shipped in the source")
     parser.set_defaults(run=run)
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype,
         eval_data=args.eval_data,
         eval_fields=fields,
+        max_loss_rise=args.max_loss_rise,
         trust_remote_code=args.trust_remote_code,
     )
     print(result.summary())
