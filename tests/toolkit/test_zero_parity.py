@@ -131,6 +131,18 @@ def test_pipeline_run_exports_to_a_verified_nf4_model(two_ranks, layouts_dir):
     assert report["lineage"]["run"]["audit"]["verdict"] == "pass"
 
 
+def test_zero3_run_exports_to_a_verified_fp4_model(two_ranks, layouts_dir, tmp_path):
+    from toolkit.rundir import sha256_file
+
+    run = layouts_dir / "zero3"
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", str(run), "--quant", "fp4",
+                           "-o", str(tmp_path / "fp4")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "fp4" / "export.json").read_text())
+    assert report["verification"]["reload_vs_memory"] <= 1e-5 and report["quantization"]["quantized_modules"] == 28
+    assert report["lineage"]["run_json_sha256"] == sha256_file(run / "run.json")
+
+
 @pytest.mark.parametrize("layout", ["zero0", "zero1", "zero3", "pipe2_tied"])
 def test_newest_checkpoint_consolidates_offline_to_the_same_model(two_ranks, layouts_dir, layout, tmp_path):
     """A run without final/ (stopped early) exports from its newest checkpoint instead."""
