@@ -80,10 +80,10 @@ def build(recipe: Recipe, hidden_size: int | None = None) -> dict[str, Any]:
     """The resolved DeepSpeed config for a recipe: template with every ``"auto"`` filled.
 
     ``hidden_size`` (the model's) sizes ZeRO-3's buckets as transformers' and accelerate's
-    ``"auto"`` do: ``hidden_size²`` elements, here at least 2**20 (also when it is unknown). ZeRO-3 keeps its reduce bucket
-    allocated for the whole run, so a fixed 5e7-element bucket was 191 MiB of fp32 per rank on a
-    100M-parameter model; the floor keeps tiny models from paying a collective per few thousand
-    gradients.
+    ``"auto"`` do: ``hidden_size²`` elements, here at least 2**20 (also when it is unknown).
+    ZeRO-3 keeps its reduce bucket allocated for the whole run, so a fixed 5e7-element bucket was
+    191 MiB of fp32 per rank on a 100M-parameter model; the floor keeps tiny models from paying a
+    collective per few thousand gradients.
 
     Raises:
         UserError: the template is unreadable, has unknown keys, or contradicts the recipe.
@@ -141,10 +141,9 @@ def _prefer_torch_adam_on_cpu(config: dict[str, Any], offload: str) -> None:
     import torch
 
     optimizer = config.get("optimizer", {})
-    params = optimizer.setdefault("params", {})
     if offload == "none" and not torch.cuda.is_available() and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
-            and "torch_adam" not in params:
-        params.update(torch_adam=True, fused=True)
+            and "torch_adam" not in optimizer.get("params", {}):
+        optimizer.setdefault("params", {}).update(torch_adam=True, fused=True)
 
 
 def _fill_auto(node: dict[str, Any], values: dict[str, Any], prefix: str) -> None:

@@ -77,13 +77,11 @@ def layers_to_keep(model_dir, quantization_config, source, evaluation, source_lo
         search.gains[name] = search.all_quantized_loss - loss(trial)
         put(name, module)
     search.gains = dict(sorted(search.gains.items(), key=lambda item: -item[1]))
-    for name in search.gains:
+    for name in list(search.gains)[:-1]:  # with every layer kept there would be nothing to export
         put(name, originals[name])
         search.kept.append(name)
         search.final_loss = loss(trial)
         if _rise(search.final_loss, source_loss) <= budget:
-            if len(search.kept) == len(quantized):
-                break
             return search
     raise UserError(f"the eval loss rises {_rise(search.all_quantized_loss, source_loss):.1%} quantized and no "
                     f"set of layers left in full precision keeps it within {budget:.1%} while quantizing any",
