@@ -64,10 +64,11 @@ def main() -> int:
         result = export(source, quant, work / name.replace(" ", "").replace("+", "-").replace("%", "pc"),
                         double_quant=double_quant, eval_data=records, eval_fields=fields, max_loss_rise=budget)
         rows.append((name, result))
-    print_quality(source, rows)
-    print_unseen(resolve(source).model_dir, rows, unseen, fields)
     # the full-precision model itself where the source is a run (its final/) or an adapter (its base)
-    print_speed(resolve(source).model_dir, [(name, r.out_dir) for name, r in rows], [r[fields.prompt_field] for r in records[:8]],
+    full_precision = resolve(source).model_dir
+    print_quality(source, rows)
+    print_unseen(full_precision, rows, unseen, fields)
+    print_speed(full_precision, [(name, r.out_dir) for name, r in rows], [r[fields.prompt_field] for r in records[:8]],
                 args.new_tokens)
     print(f"exports and data kept in {work}")
     return 0

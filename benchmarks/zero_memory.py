@@ -13,8 +13,9 @@ the DeepSpeed config dstk resolved for it: same model, records, ranks and steps.
   w=4 bytes per weight in fp32 and k=8 for Adam's moments, plus 4 for the fp32 master copy that
   DeepSpeed's ZeRO optimizers (stages 1-3) keep even in fp32. Stage 3 keeps its gradient partition
   allocated between steps: (w + 4 + k)Ψ/N. Its reduce bucket (``reduce_bucket_size`` elements,
-  also kept) is not in the theory: dstk sizes it from the hidden size (4 MiB here). The ZeRO paper's mixed-precision
-  formulas, gradients included (16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N), are printed beside them.
+  also kept) is not in the theory: dstk sizes it from the hidden size (4 MiB here). The ZeRO
+  paper's mixed-precision formulas, gradients included (16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N), are
+  printed beside them.
   Goal: within 1.15x of theory.
 * peak: the largest resident memory of the rank. Without an accelerator the "device" is host
   memory, so offload moves nothing off it here; its row shows what offload costs in host memory.

@@ -32,6 +32,15 @@ def _layout(parallel: dict) -> str:
         + (f", tensor parallel {parallel['tensor_parallel']}" if parallel["tensor_parallel"] > 1 else "")
 
 
+def _heading(run: dict) -> str:
+    return (f"{run['status']} {run.get('result', {}).get('steps')} steps of {run['model']['name']} "
+            f"on {run['parallel']['nproc']} rank(s), {_layout(run['parallel'])}")
+
+
+def _by_rank(mib: list[float]) -> str:
+    return ", ".join(f"{mb:,.0f}" for mb in mib)
+
+
 def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
     """The report's (label, value) rows: the same on the console and in report.md."""
     found: list[tuple[str, str]] = []
@@ -58,10 +67,9 @@ def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
     found.append(("parameters", f"{params['trainable']:,} trained of {params['total']:,}"
                                 + (" (LoRA adapters)" if run.get("lora") else "")))
     if "peak_rss_mb_per_rank" in result:
-        found.append(("peak memory", f"{', '.join(f'{mb:,.0f}' for mb in result['peak_rss_mb_per_rank'])} MiB "
-                                     "resident, by rank"))
+        found.append(("peak memory", f"{_by_rank(result['peak_rss_mb_per_rank'])} MiB resident, by rank"))
     if "model_state_mb_per_rank" in result:
-        found.append(("model states", f"{', '.join(f'{mb:,.0f}' for mb in result['model_state_mb_per_rank'])} MiB "
+        found.append(("model states", f"{_by_rank(result['model_state_mb_per_rank'])} MiB "
                                       "(weights, gradients, optimizer), by rank"))
     found.append(("audit", f"{run['audit']['verdict']}  {run['audit'].get('report', '')}".rstrip()))
     return found
@@ -92,10 +100,8 @@ def write_report(run_dir: RunDir) -> Path:
     """Write ``report.md`` and its picture ``report.png`` for a finished run; returns report.md."""
     run, lines = run_dir.read_run(), _metrics(run_dir)
     _plot(lines, run_dir.report_plot)
-    result = run.get("result", {})
     table = "\n".join(f"| {label} | {value} |" for label, value in rows(run, lines))
-    text = (f"# {run_dir.root.name}: {run['status']} {result.get('steps')} steps of {run['model']['name']}\n\n"
-            f"{run['parallel']['nproc']} rank(s), {_layout(run['parallel'])}\n\n"
+    text = (f"# {run_dir.root.name}\n\n{_heading(run)}\n\n"
             f"![loss, throughput and communication]({run_dir.report_plot.name})\n\n"
             f"| | |\n|---|---|\n{table}\n\n"
             f"Files: model `final/`, metrics `metrics.jsonl`, checkpoints `checkpoints/`, lineage `run.json`.\n")
@@ -115,8 +121,7 @@ def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout, node_rank:
         print(f"\ndstk train: node {node_rank} finished; node 0 reports the run", file=out)
         return
     run = run_dir.read_run()
-    print(f"\ndstk train: {run['status']} {run.get('result', {}).get('steps')} steps of {run['model']['name']} "
-          f"on {run['parallel']['nproc']} rank(s), {_layout(run['parallel'])}", file=out)
+    print(f"\ndstk train: {_heading(run)}", file=out)
     for label, value in rows(run, _metrics(run_dir)):
         print(f"  {label:<13} {value}", file=out)
     for label, path in (("report", run_dir.report), ("model", run_dir.final), ("metrics", run_dir.metrics),
