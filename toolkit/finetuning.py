@@ -152,6 +152,10 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    if not torch.cuda.is_available():
+        from toolkit.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     _quiet_libraries()
     _init_distributed(recipe)
     # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
