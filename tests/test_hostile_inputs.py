@@ -105,6 +105,8 @@ CASES = {
                         "does not combine with ZeRO-3"),
     "recipe-tp-heads": (lambda f: ["train", "parallel.tensor_parallel=2", "model=tiny-gpt2"],
                         "tied input/output embeddings"),
+    "recipe-compile-zero3": (lambda f: ["train", "train.compile=true", "parallel.zero_stage=3"],
+                             "break the compiled graph at every layer"),
     "recipe-lora-not-enabled": (lambda f: ["train", "lora.r=4"], "lora.enabled is false"),
     "recipe-keep-best-without-eval": (lambda f: ["train", "train.keep_best=1", "data.eval=null"],
                                       "train.keep_best needs data.eval"),

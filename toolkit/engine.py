@@ -94,7 +94,10 @@ class Trainer:
         if self.pack_to is None:
             return self._collate(self.train, indices)
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        return pack(self.train, indices, self.pad_id, self.pack_to, dtype=dtype)
+        batch = pack(self.train, indices, self.pad_id, self.pack_to, dtype=dtype)
+        for tensor in batch.values():  # a compiled model: one graph for any number of rows
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return batch
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Next-token logits of a micro-batch (None on ranks that do not compute them)."""
@@ -135,8 +138,13 @@ class Trainer:
         return share.item() / self.replicas
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")
     def evaluate(self) -> EvalResult:
-        """Token-mean loss and exact-match accuracy over the whole eval set, all ranks together."""
+        """Token-mean loss and exact-match accuracy over the whole eval set, all ranks together.
+
+        A compiled model runs uncompiled here: every eval shape and the no-grad mode would each cost
+        a compilation, for a pass that runs a few times per run.
+        """
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, target tokens, correct records, records
         mbs = self.batches.mbs

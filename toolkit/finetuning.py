@@ -186,6 +186,8 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds_config)
+    if t.compile:
+        engine.compile()
     params = run["parallel"]["parameters"]
     if rank == 0:
         print(f"dstk: training {params['trainable']:,} of {params['total']:,} parameters "

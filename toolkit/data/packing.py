@@ -33,22 +33,24 @@ def plan_rows(lengths: np.ndarray, width: int) -> list[list[int]]:
 
 
 def pack(data: EncodedSet, indices, pad_id: int, width: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Pack the records ``indices`` into rows of at most ``width`` tokens.
+    """Pack the records ``indices`` into rows of ``width`` tokens, padded at the end.
+
+    Every row is ``width`` long, so that packed micro-batches differ in their number of rows only:
+    a compiled model then runs them all with one graph.
 
     Returns:
-        ``input_ids``, ``labels`` and ``position_ids`` (rows, longest row), and ``attention_mask``
-        (rows, 1, longest, longest): 0 where a query may attend, the dtype's minimum elsewhere.
+        ``input_ids``, ``labels`` and ``position_ids`` (rows, width), and ``attention_mask``
+        (rows, 1, width, width): 0 where a query may attend, the dtype's minimum elsewhere.
     """
     indices = np.asarray(indices)
     rows = plan_rows(data.lengths[indices], width)
-    longest = max(sum(int(data.lengths[indices[p]]) for p in row) for row in rows)
-    shape = (len(rows), longest)
+    shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
     # segment id of each position; padding gets its own id per position so that it attends to
     # itself only (a fully masked row would give NaN, and NaN times a zero gradient is NaN)
-    segments = torch.arange(longest).repeat(len(rows), 1) + len(indices) + 1
+    segments = torch.arange(width).repeat(len(rows), 1) + len(indices) + 1
     for r, row in enumerate(rows):
         start = 0
         for segment, position in enumerate(row):
@@ -60,7 +62,7 @@ def pack(data: EncodedSet, indices, pad_id: int, width: int, dtype: torch.dtype 
             position_ids[r, start:start + n] = torch.arange(n)
             segments[r, start:start + n] = segment
             start += n
-    causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (segments[:, :, None] == segments[:, None, :]) & causal
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask[:, None]}

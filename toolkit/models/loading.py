@@ -148,13 +148,15 @@ def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.
     """
     p = recipe.parallel
     if p.pipeline_stages == 1:
+        attention = compiled_attention(recipe.train.compile)
         if not recipe.lora.enabled:
-            return load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code)
+            return load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code,
+                                     attention=attention)
         from toolkit.models import lora
 
         quantization = lora.quantization_config(recipe.lora, DTYPES[recipe.train.precision])
         model, handle = load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code,
-                                          quantization=quantization)
+                                          quantization=quantization, attention=attention)
         return lora.add_adapters(model, recipe.lora, lora.base_reference(path), recipe.train.seed), handle
     from transformers import AutoConfig
 
@@ -172,11 +174,22 @@ def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.
     return module, None
 
 
-def load_for_training(path: str, ds_config: dict[str, Any], precision: str,
-                      trust_remote_code: bool = False, quantization=None) -> tuple[torch.nn.Module, Any]:
+def compiled_attention(compile: bool) -> str | None:
+    """The attention implementation to train with: None keeps the model's own (sdpa for most).
+
+    Compiled on a CPU, eager attention is faster: inductor fuses its softmax and mask into the
+    surrounding code, while sdpa stays an opaque CPU kernel. Measured on a 70M LLaMA, one core,
+    bf16, 8 x 256 tokens: a compiled step 2.72 s with eager, 3.0 s with sdpa (3.5 s uncompiled).
+    """
+    return "eager" if compile and not torch.cuda.is_available() else None
+
+
+def load_for_training(path: str, ds_config: dict[str, Any], precision: str, trust_remote_code: bool = False,
+                      quantization=None, attention: str | None = None) -> tuple[torch.nn.Module, Any]:
     """Load the model in ``path`` the way ``ds_config`` will train it.
 
-    ``quantization`` (a ``BitsAndBytesConfig``) loads the weights quantized, for a frozen QLoRA base.
+    ``quantization`` (a ``BitsAndBytesConfig``) loads the weights quantized, for a frozen QLoRA base;
+    ``attention`` names transformers' attention implementation (None: the model's default).
 
     Returns:
         The model and a handle that must stay referenced while the model lives (the
@@ -190,7 +203,7 @@ def load_for_training(path: str, ds_config: dict[str, Any], precision: str,
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[precision], trust_remote_code=trust_remote_code, quantization_config=quantization,
-            use_safetensors=True,
+            use_safetensors=True, **({"attn_implementation": attention} if attention else {}),
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model {path!r}: {str(err).splitlines()[0]}",

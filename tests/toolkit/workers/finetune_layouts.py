@@ -1,10 +1,11 @@
 """Worker: fine-tune the same recipe under several parallel layouts in one launch.
 
 Usage: finetune_layouts.py OUT --layout NAME=key=value,key=value ... [-- key=value ...]
-Writes, per layout, the logged losses and communication shares, how much of the model this rank holds, and on rank 0 the
-logits of its consolidated final/ (reloaded by from_pretrained; a LoRA adapter onto its base) on a
-fixed probe; for layouts driven module by module, also the largest relative difference to the
-trained engine's logits.
+Writes, per layout, the logged losses and communication shares, whether it ran compiled and with
+which attention, how much of the model this rank holds, and on rank 0 the logits of its
+consolidated final/ (reloaded by from_pretrained; a LoRA adapter onto its base) on a fixed probe;
+for layouts driven module by module, also the largest relative difference to the trained
+engine's logits.
 """
 
 import argparse
@@ -89,7 +90,10 @@ for spec in args.layout:
     result = finetune(None, [f"output_dir={args.out}/{name}", f"parallel.nproc={dist.get_world_size()}",
                              *common, *filter(None, overrides.split(","))])
     logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    entry = {"losses": result.losses, "comm_shares": [line["comm_share"] for line in logged if "loss" in line]}
+    entry = {"losses": result.losses, "comm_shares": [line["comm_share"] for line in logged if "loss" in line],
+             "compiled": result.engine.is_compiled}
+    config = getattr(result.engine.module, "config", None)  # a pipeline module has none
+    entry["attention"] = None if config is None else config._attn_implementation
     params = list(result.engine.module.parameters())
     # ZeRO-3 keeps a rank's shard in ds_tensor; other layouts hold what parameters() shows
     entry["partitioned"] = all(hasattr(p, "ds_tensor") for p in params)
@@ -98,7 +102,7 @@ for spec in args.layout:
     trained = None
     if not pipeline:
         result.engine.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # a compiled model, as dstk evaluates it
             trained = result.engine.module(input_ids=PROBE.to(result.engine.device)).logits.float().cpu()
     if dist.get_rank() == 0:
         logits, model = final_logits(result.final_dir)
