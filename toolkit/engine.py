@@ -60,7 +60,8 @@ class Trainer:
         train, evalset: the encoded sets.
         pad_id: the tokenizer's padding id.
         logger: metrics on rank 0.
-        pack_to: pack each training micro-batch into rows of this many tokens (None: pad it);
+        pack_to: pack the records all data-parallel ranks run at one accumulation step into rows
+            of this many tokens, and run this rank's share of them (None: pad each micro-batch);
             see ``toolkit.data.packing``. Evaluation always pads.
         replicas: ranks that compute each data-parallel share identically (the tensor-parallel
             degree); sums over all ranks are divided by it.
@@ -90,14 +91,19 @@ class Trainer:
     def _collate(self, data: EncodedSet, indices) -> dict[str, torch.Tensor]:
         return collate(data, indices, self.pad_id, width=self.pad_to)
 
-    def _train_batch(self, indices) -> dict[str, torch.Tensor]:
+    def _train_batches(self, step: int):
+        """This rank's micro-batches of ``step``, made one at a time."""
         if self.pack_to is None:
-            return self._collate(self.train, indices)
+            for indices in self.batches.micro_batches(step):
+                yield self._collate(self.train, indices)
+            return
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        batch = pack(self.train, indices, self.pad_id, self.pack_to, dtype=dtype)
-        for tensor in batch.values():  # a compiled model: one graph for any number of rows
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return batch
+        for records in self.batches.accumulation_steps(step):
+            batch = pack(self.train, records, self.pad_id, self.pack_to, dtype=dtype,
+                         share=(self.batches.rank, self.batches.dp))
+            for tensor in batch.values():  # a compiled model: one graph for any number of rows
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            yield batch
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Next-token logits of a micro-batch (None on ranks that do not compute them)."""
@@ -111,8 +117,7 @@ class Trainer:
         self.engine.train()
         share = torch.zeros((), device=self.engine.device)
         tokens = max(1, self.batches.target_tokens(step))
-        for indices in self.batches.micro_batches(step):
-            batch = self._train_batch(indices)
+        for batch in self._train_batches(step):
             loss, _ = token_losses(self._logits(batch), batch["labels"].to(self.engine.device))
             micro = loss.sum() / tokens
             # DeepSpeed divides by grad_accum and averages over data-parallel ranks; undo both so

@@ -33,6 +33,18 @@ def test_rows_hold_every_record_once_within_the_width():
     assert all(sum(LENGTHS[p] for p in row) <= 32 for row in rows) and len(rows) == 4  # 99 tokens
 
 
+@pytest.mark.parametrize("width", [32, 128])  # 128: every record fits one row
+def test_ranks_share_the_rows_of_one_packing(records, width):
+    """Each of 2 ranks runs its share of the rows: every record exactly once, at least one row each,
+    as many rows as the other give or take one."""
+    indices = np.arange(len(LENGTHS))
+    shares = [pack(records, indices, pad_id=0, width=width, share=(rank, 2)) for rank in range(2)]
+    found = [record for share in shares for record in _records_in(share)]
+    assert sorted(found) == sorted(map(tuple, records.input_ids))
+    rows = [share["input_ids"].shape[0] for share in shares]
+    assert min(rows) >= 1 and max(rows) - min(rows) <= 1
+
+
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox", "tiny-phi"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_packed_logits_and_loss_equal_each_record_alone(records, preset, attention):
@@ -69,6 +81,16 @@ def test_packing_keeps_the_padded_batch_targets(records):
     packed, padded = pack(records, indices, pad_id=0, width=32), collate(records, indices, pad_id=0)
     assert int((packed["labels"][:, 1:] != IGNORE).sum()) == int((padded["labels"][:, 1:] != IGNORE).sum())
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
+
+
+def _records_in(packed) -> list[tuple]:
+    """The records (token ids) in a packed batch: each starts where the position ids restart at 0;
+    padding (id 0, position 0) is left out."""
+    found = []
+    for ids, positions in zip(packed["input_ids"].tolist(), packed["position_ids"].tolist()):
+        starts = [i for i, position in enumerate(positions) if position == 0] + [len(ids)]
+        found += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:]) if ids[a] != 0]
+    return found
 
 
 def _where(packed, ids):

@@ -58,15 +58,19 @@ class GlobalBatches:
             self._order_epoch = epoch
         return self._order[index * self.global_size:(index + 1) * self.global_size]
 
-    def micro_batches(self, step: int) -> list[np.ndarray]:
-        """This rank's ``grad_accum`` micro-batches (record indices) for ``step``."""
+    def accumulation_steps(self, step: int) -> list[np.ndarray]:
+        """For each of ``step``'s ``grad_accum`` accumulation steps, the records every data-parallel
+        rank runs in it: micro-batches ``j x dp`` to ``j x dp + dp - 1``, rank by rank."""
         records = self._step_records(step)
         if self.group_by_length:
             # neighbours in length share a micro-batch, and micro-batches that run at the same
             # time on different ranks (k = j x dp + r) are close in length too
             records = records[np.argsort(self.data.lengths[records], kind="stable")]
-        records = records.reshape(-1, self.mbs)  # (micro-batches, mbs)
-        return [records[j * self.dp + self.rank] for j in range(self.gas)]
+        return list(records.reshape(self.gas, self.dp * self.mbs))
+
+    def micro_batches(self, step: int) -> list[np.ndarray]:
+        """This rank's ``grad_accum`` micro-batches (record indices) for ``step``."""
+        return [group[self.rank * self.mbs:(self.rank + 1) * self.mbs] for group in self.accumulation_steps(step)]
 
     def target_tokens(self, step: int) -> int:
         """Loss-bearing tokens in the whole step, over every rank: the loss normaliser."""
