@@ -18,11 +18,12 @@ import torch
 
 
 def run(model: Path, train: str, fields: dict, seq_len: int, ds_config: Path, out: Path, steps: int,
-        warmup_steps: int, save: bool = True, nproc: int = 2) -> dict:
+        warmup_steps: int, save: bool = True, nproc: int = 2, compile: bool = False) -> dict:
     """Launch this worker on ``nproc`` ranks under the deepspeed launcher; return rank 0's figures.
 
     The benchmarks' one way to run the Trainer side: records of ``train`` encoded as dstk does,
-    ``ds_config`` as dstk resolved it, the model saved to ``out`` unless ``save`` is off.
+    ``ds_config`` as dstk resolved it, the model saved to ``out`` unless ``save`` is off, compiled
+    by the Trainer's own ``torch_compile`` when ``compile`` is on.
     """
     import os
     import subprocess
@@ -36,7 +37,7 @@ def run(model: Path, train: str, fields: dict, seq_len: int, ds_config: Path, ou
     command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), __file__,
                "--model", str(model), "--data", str(spec), "--ds-config", str(ds_config), "--out", str(out),
                "--result", str(result), "--steps", str(steps), "--warmup-steps", str(warmup_steps),
-               *([] if save else ["--no-save"])]
+               *([] if save else ["--no-save"]), *(["--compile"] if compile else [])]
     proc = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"HF Trainer run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}")
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--no-save", action="store_true", help="skip saving the model (memory runs)")
+    parser.add_argument("--compile", action="store_true", help="the Trainer's torch_compile=True")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
 
@@ -86,7 +88,7 @@ def main() -> None:
         weight_decay=opt["weight_decay"], adam_beta1=opt["betas"][0], adam_beta2=opt["betas"][1],
         adam_epsilon=opt["eps"], max_grad_norm=config["gradient_clipping"], warmup_steps=sched["warmup_num_steps"],
         bf16=config.get("bf16", {}).get("enabled", False), deepspeed=config, logging_steps=1, save_strategy="no",
-        report_to=[], seed=data["seed"], disable_tqdm=True, dataloader_drop_last=True,
+        report_to=[], seed=data["seed"], disable_tqdm=True, dataloader_drop_last=True, torch_compile=args.compile,
         # without CUDA, accelerate sees a DeepSpeed launch as one process unless told it is on CPU
         # (then it joins the launcher's gloo group as MULTI_CPU and the Trainer still runs DeepSpeed)
         use_cpu=not torch.cuda.is_available(),

@@ -1,23 +1,35 @@
 """dstk against the Hugging Face Trainer: real-token throughput, model-FLOP utilisation, eval loss.
 
     python benchmarks/trainer_throughput.py                 # variable-length and fixed-length data
-    python benchmarks/trainer_throughput.py --steps 30 --data variable
+    python benchmarks/trainer_throughput.py --steps 30 --data variable --repeats 3
 
-Both sides train the same ~70M-parameter LLaMA (width 768, 9 layers, a 4,096-token BPE trained on
+Every side trains the same ~70M-parameter LLaMA (width 768, 9 layers, a 4,096-token BPE trained on
 the data) from the same initial weights, with the same resolved DeepSpeed config (ZeRO-2, AdamW,
-warm-up + cosine; bf16 where the cores multiply bf16 fast, else fp32), on 2 ranks, the same global batch size and the same number of steps, and
-the same encoded records (prompt masked, EOS appended, at most --seq-len tokens).
+warm-up + cosine; bf16 where the cores multiply bf16 fast, else fp32), on 2 ranks, the same global
+batch size and the same number of steps, and the same encoded records (prompt masked, EOS
+appended, at most --seq-len tokens). The sides:
+
+* dstk: ``dstk train`` as a user would run it for speed: ``train.compile=true``, and on the
+  variable data ``train.packing=true``.
+* Trainer: the HF Trainer as it comes (``hf_trainer_worker.py``), launched by ``deepspeed``.
+* Trainer+compile: the same with its own ``torch_compile=True`` (--no-trainer-compile drops it).
 
 * variable: GSM8K (``../shared/data/gsm8k`` beside the checkout) as instruction data, else generated
   records with a GSM8K-like length spread. The Trainer pads each micro-batch to its longest
-  record; dstk packs it (``train.packing``).
-* fixed: text records that all fill --seq-len tokens, so neither side pads.
+  record; dstk packs.
+* fixed: text records that all fill --seq-len tokens, so no side pads.
 
-Throughput counts real (non-padding) tokens per second after --warmup-steps. Model-FLOP
-utilisation is 6 x parameters x tokens/s over the matmul peak of this machine's cores in the
-training precision, measured here in the same run (a 1024x1024 matmul on one core, times the
-ranks). CPUs without bf16 units (no AVX512-BF16 or AMX) multiply bf16 some 50x slower than fp32. Each final model is scored by the same
-evaluator (``toolkit.inference.evaluate``, token-mean loss) on held-out records.
+Throughput counts real (non-padding) tokens per second over the steps after --warmup-steps, timed
+from the start of the first of them to the end of the last, logging included (dstk: the
+``elapsed_s`` of its metrics lines; the Trainer: its callbacks); compilation falls in the warm-up
+steps, and the ``wall`` column gives each run's whole time, start-up and compilation included.
+The sides take turns over --repeats rounds, in reversed order every other round, so that a slow
+spell of a shared machine falls on every side; a side's figure is its tokens over its seconds in
+all rounds. Model-FLOP utilisation is 6 x parameters x tokens/s over the matmul peak of this
+machine's cores in the training precision, measured here in the same run (a 1024x1024 matmul on
+one core, times the ranks). CPUs without bf16 units (no AVX512-BF16 or AMX) multiply bf16 some 50x
+slower than fp32. Each side's final model (of its last round) is scored by the same evaluator
+(``toolkit.inference.evaluate``, token-mean loss) on held-out records.
 """
 
 from __future__ import annotations
@@ -133,22 +145,26 @@ def run_dstk(model: Path, train: Path, out: Path, fields: dict, args, packing: b
                  f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch_size}",
                  "train.grad_accum=1", f"train.seq_len={args.seq_len}", "train.lr=3e-4", f"train.precision={args.precision}",
                  "train.log_steps=1", "train.save_steps=0", "train.eval_steps=0", f"train.packing={str(packing).lower()}",
-                 "train.warmup_ratio=0.1", "train.seed=0"]
+                 "train.compile=true", "train.warmup_ratio=0.1", "train.seed=0"]
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", *overrides], cwd=ROOT,
                           capture_output=True, text=True)
+    wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"dstk train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = [line for line in lines if "tokens_per_s" in line and line["step"] > args.warmup_steps]
-    tokens = sum(line["tokens"] for line in timed)
-    seconds = sum(line["tokens"] / line["tokens_per_s"] for line in timed)
-    return {"tokens_per_s": tokens / seconds, "final": out / "final", "ds_config": out / "ds_config.json"}
+    steps = {line["step"]: line for line in lines if "loss" in line}
+    timed = [steps[step] for step in range(args.warmup_steps + 1, args.steps + 1)]
+    return {"tokens": sum(line["tokens"] for line in timed), "wall_s": wall, "final": out / "final",
+            "seconds": timed[-1]["elapsed_s"] - steps[args.warmup_steps]["elapsed_s"]}
 
 
-def run_trainer(model: Path, train: Path, out: Path, fields: dict, ds_config: Path, args) -> dict:
+def run_trainer(model: Path, train: Path, out: Path, fields: dict, ds_config: Path, args, compile: bool) -> dict:
+    start = time.perf_counter()
     figures = hf_trainer_worker.run(model, train, fields, args.seq_len, ds_config, out, args.steps, args.warmup_steps,
-                                    nproc=NPROC)
-    return {"tokens_per_s": figures["tokens"] / figures["elapsed_s"], "final": out}
+                                    nproc=NPROC, compile=compile)
+    return {"tokens": figures["tokens"], "seconds": figures["elapsed_s"], "wall_s": time.perf_counter() - start,
+            "final": out}
 
 
 def eval_loss(model: Path, rows: list[dict], fields: dict, seq_len: int) -> float:
@@ -158,17 +174,47 @@ def eval_loss(model: Path, rows: list[dict], fields: dict, seq_len: int) -> floa
     return evaluate(model, rows, fields=DataConfig(**fields), max_length=seq_len, exact_match=False).loss
 
 
+def compare(name: str, work: Path, rows: list[dict], held_out: list[dict], fields: dict, packing: bool,
+            sides: list[str], args) -> dict[str, float]:
+    """Run every side --repeats times, taking turns; print each side's figures; return tokens/s by side."""
+    train = _write_jsonl(work / f"{name}.jsonl", rows)
+    # the shared DeepSpeed config is dstk's resolved one, so dstk runs first in the first round
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for round_ in range(args.repeats):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            out = work / f"{side}-{name}-{round_}"
+            if side == "dstk":
+                runs[side].append(run_dstk(work / "model", train, out, fields, args, packing))
+            else:
+                ds_config = work / f"dstk-{name}-0" / "ds_config.json"
+                runs[side].append(run_trainer(work / "model", train, out, fields, ds_config, args,
+                                              compile=side == "Trainer+compile"))
+    rates = {}
+    for side, results in runs.items():
+        rates[side] = sum(r["tokens"] for r in results) / sum(r["seconds"] for r in results)
+        each = " ".join(f"{r['tokens'] / r['seconds']:.0f}" for r in results)
+        loss = eval_loss(results[-1]["final"], held_out, fields, args.seq_len)
+        wall = sum(r["wall_s"] for r in results) / len(results)
+        print(f"{name:9}{side:16}{rates[side]:>10.0f}{6 * args.params * rates[side] / args.peak:>8.1%}"
+              f"{loss:>11.4f}{wall:>8.0f}  {each}", flush=True)
+    return rates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=("variable", "fixed", "both"), default="both")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the timing")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds in which every side runs once")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="records per rank per step")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--layers", type=int, default=9, help="decoder layers (9: ~70M parameters)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 where this machine's cores multiply in bf16 at least twice as fast as fp32")
+    parser.add_argument("--no-trainer-compile", action="store_true", help="leave out the Trainer+compile side")
     args = parser.parse_args()
+    if not 1 <= args.warmup_steps < args.steps:
+        parser.error("--warmup-steps must be at least 1 and fewer than --steps (timing starts after one)")
 
     peaks = {dtype: matmul_peak_per_core(dtype) for dtype in ("fp32", "bf16")}
     if args.precision == "auto":
@@ -180,28 +226,25 @@ def main() -> int:
     needed = args.steps * args.micro_batch_size * NPROC * 4
     train_rows, eval_rows = load_gsm8k(needed) if GSM8K.is_dir() else generated(needed)
     source = "GSM8K" if GSM8K.is_dir() else "generated GSM8K-like records"
-    params = build_model(work / "model", [r["prompt"] + r["response"] for r in train_rows], args.layers)
-    peak = NPROC * peaks[args.precision]
-    print(f"LLaMA {params / 1e6:.1f}M parameters, ZeRO-2 {args.precision}, {NPROC} ranks, {args.steps} steps of "
-          f"{args.micro_batch_size * NPROC} records, seq_len {args.seq_len}; {args.precision} matmul peak of "
-          f"{NPROC} cores: {peak / 1e9:.0f} GFLOP/s")
+    args.params = build_model(work / "model", [r["prompt"] + r["response"] for r in train_rows], args.layers)
+    args.peak = NPROC * peaks[args.precision]
+    print(f"LLaMA {args.params / 1e6:.1f}M parameters, ZeRO-2 {args.precision}, {NPROC} ranks, {args.steps} steps of "
+          f"{args.micro_batch_size * NPROC} records, seq_len {args.seq_len}, {args.repeats} rounds; {args.precision} "
+          f"matmul peak of {NPROC} cores: {args.peak / 1e9:.0f} GFLOP/s")
     sets = {"variable": (train_rows, eval_rows, {"format": "instruction"}, True),
             "fixed": (fixed_length(train_rows), fixed_length(eval_rows), {"format": "text"}, False)}
-    header = f"{'data':9}{'side':8}{'tokens/s':>10}{'MFU':>8}{'eval loss':>11}"
+    sides = ["dstk", "Trainer"] + ([] if args.no_trainer_compile else ["Trainer+compile"])
+    header = f"{'data':9}{'side':16}{'tokens/s':>10}{'MFU':>8}{'eval loss':>11}{'wall s':>8}  tokens/s of each round"
     print(header + "\n" + "-" * len(header))
     verdicts = []
     for name in ("variable", "fixed") if args.data == "both" else (args.data,):
         rows, held_out, fields, packing = sets[name]
-        train = _write_jsonl(work / f"{name}.jsonl", rows)
-        dstk = run_dstk(work / "model", train, work / f"dstk-{name}", fields, args, packing)
-        trainer = run_trainer(work / "model", train, work / f"trainer-{name}", fields, dstk["ds_config"], args)
-        for side, result in (("dstk", dstk), ("Trainer", trainer)):
-            loss = eval_loss(result["final"], held_out, fields, args.seq_len)
-            mfu = 6 * params * result["tokens_per_s"] / peak
-            print(f"{name:9}{side:8}{result['tokens_per_s']:>10.0f}{mfu:>8.1%}{loss:>11.4f}", flush=True)
-        ratio = dstk["tokens_per_s"] / trainer["tokens_per_s"]
-        verdicts.append(ratio >= GOALS[name])
-        print(f"{name:9}dstk / Trainer: {ratio:.2f}x real tokens/s (goal >= {GOALS[name]}x) on {source}", flush=True)
+        rates = compare(name, work, rows, held_out, fields, packing, sides, args)
+        for peer in sides[1:]:
+            ratio = rates["dstk"] / rates[peer]
+            goal = f" (goal >= {GOALS[name]}x)" if peer == "Trainer" else ""
+            print(f"{name:9}dstk / {peer}: {ratio:.2f}x real tokens/s{goal} on {source}", flush=True)
+        verdicts.append(rates["dstk"] / rates["Trainer"] >= GOALS[name])
     return 0 if all(verdicts) else 1
 
 
