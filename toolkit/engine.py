@@ -51,6 +51,11 @@ class EvalResult:
     records: int
 
 
+# The sizes that vary between packed micro-batches: tokens and rows (see toolkit.data.packing).
+_PACKED_SIZES = {"input_ids": 1, "labels": 1, "position_ids": 1, "token_slots": 0, "attention_mask": 0,
+                 "row_slots": 0}
+
+
 class Trainer:
     """Runs steps, evaluation and logging for one rank of a DeepSpeed engine.
 
@@ -99,16 +104,17 @@ class Trainer:
             return
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         for records in self.batches.accumulation_steps(step):
-            batch = pack(self.train, records, self.pad_id, self.pack_to, dtype=dtype,
-                         share=(self.batches.rank, self.batches.dp))
-            for tensor in batch.values():  # a compiled model: one graph for any number of rows
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            batch = pack(self.train, records, self.pack_to, dtype=dtype, share=(self.batches.rank, self.batches.dp))
+            for name, dim in _PACKED_SIZES.items():  # a compiled model: one graph for any tokens and rows
+                torch._dynamo.maybe_mark_dynamic(batch[name], dim)
             yield batch
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Next-token logits of a micro-batch (None on ranks that do not compute them)."""
         device = self.engine.device
         extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
+        if "row_slots" in batch:  # packed: see toolkit.models.packed_attention
+            extra["packed_rows"] = (batch["row_slots"].to(device), batch["token_slots"].to(device))
         return self.engine(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device), use_cache=False, **extra).logits
 

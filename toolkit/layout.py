@@ -31,8 +31,9 @@ def describe(recipe: Recipe, config) -> dict:
 
     Raises:
         UserError: tensor parallelism wider than the attention heads allow, a model the
-            pipeline converter does not support or cannot split into that many stages, or LoRA
-            target modules the model does not have.
+            pipeline converter does not support or cannot split into that many stages, packing
+            for a model whose attention cannot take it, or LoRA target modules the model does
+            not have.
     """
     p, t = recipe.parallel, recipe.train
     layout = {"nproc": p.nproc, "data_parallel": recipe.data_parallel,
@@ -55,6 +56,11 @@ def describe(recipe: Recipe, config) -> dict:
             raise UserError("parallel.tensor_parallel > 1 is not supported for models with tied input/output "
                             "embeddings (DeepSpeed AutoTP shards their LM head over the vocabulary)",
                             "use ZeRO or parallel.pipeline_stages for this model")
+    if t.packing:
+        from toolkit.models.loading import empty_model
+        from toolkit.models.packed_attention import check_packable
+
+        check_packable(empty_model(config, recipe.trust_remote_code))
     layout["parameters"] = parameter_counts(recipe, config)
     if p.pipeline_stages > 1:
         from toolkit.models.pipeline import plan_split

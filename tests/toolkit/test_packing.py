@@ -1,5 +1,6 @@
-"""Packed rows give every record the logits and loss it gets alone (1e-5), for each family and
-attention implementation; the block mask, not position ids, is what keeps records apart."""
+"""Packed records give every record the logits and loss it gets alone (1e-5), for each family:
+the model computes them as one flat sequence of real tokens and attends in the packing's rows
+under a block mask; position ids alone do not keep records apart."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from toolkit.data import IGNORE, EncodedSet, collate
 from toolkit.data.packing import pack, plan_rows
 from toolkit.engine import token_losses
+from toolkit.models.packed_attention import use_packed_attention
 from toolkit.models.presets import preset_config
 
 LENGTHS = [9, 23, 5, 17, 12, 30, 3]
@@ -38,67 +40,83 @@ def test_ranks_share_the_rows_of_one_packing(records, width):
     """Each of 2 ranks runs its share of the rows: every record exactly once, at least one row each,
     as many rows as the other give or take one."""
     indices = np.arange(len(LENGTHS))
-    shares = [pack(records, indices, pad_id=0, width=width, share=(rank, 2)) for rank in range(2)]
+    shares = [pack(records, indices, width=width, share=(rank, 2)) for rank in range(2)]
     found = [record for share in shares for record in _records_in(share)]
     assert sorted(found) == sorted(map(tuple, records.input_ids))
-    rows = [share["input_ids"].shape[0] for share in shares]
+    rows = [share["attention_mask"].shape[0] for share in shares]
     assert min(rows) >= 1 and max(rows) - min(rows) <= 1
 
 
+def test_tokens_and_row_slots_map_onto_each_other(records):
+    packed = pack(records, np.arange(len(LENGTHS)), width=32)
+    tokens = packed["input_ids"].shape[1]
+    assert tokens == sum(LENGTHS) and packed["row_slots"].shape == (4 * 32,)  # 4 rows, as planned
+    assert torch.equal(packed["row_slots"][packed["token_slots"]], torch.arange(tokens))
+    assert int((packed["row_slots"] == tokens).sum()) == 4 * 32 - tokens  # every other slot is padding
+
+
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox", "tiny-phi"])
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_logits_and_loss_equal_each_record_alone(records, preset, attention):
-    model = _model(preset, attention)
-    packed = pack(records, np.arange(len(LENGTHS)), pad_id=0, width=32)
+def test_packed_logits_and_loss_equal_each_record_alone(records, preset):
+    model = _model(preset, "sdpa")
+    packed = pack(records, np.arange(len(LENGTHS)), width=32)
     with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in records.input_ids]
+        use_packed_attention(model)
         logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                       position_ids=packed["position_ids"]).logits
+                       position_ids=packed["position_ids"],
+                       packed_rows=(packed["row_slots"], packed["token_slots"])).logits
         loss_sum = token_losses(logits, packed["labels"])[0].sum()
         alone_sum = 0.0
         for r, ids in enumerate(records.input_ids):
-            alone = model(input_ids=torch.tensor([ids])).logits[0]
-            row, start = _where(packed, ids)
-            torch.testing.assert_close(logits[row, start:start + len(ids)], alone, rtol=1e-5, atol=1e-5)
-            alone_sum += token_losses(alone[None], torch.tensor([records.labels[r]]))[0].sum()
+            start = _where(packed, ids)
+            torch.testing.assert_close(logits[0, start:start + len(ids)], alone[r], rtol=1e-5, atol=1e-5)
+            alone_sum += token_losses(alone[r][None], torch.tensor([records.labels[r]]))[0].sum()
     torch.testing.assert_close(loss_sum, alone_sum, rtol=1e-5, atol=1e-5)
 
 
-def test_position_ids_alone_leak_between_records(records):
-    """Why the mask is there: without it a packed record sees the one before it."""
+def test_a_packable_model_still_runs_padded_batches(records):
+    """Evaluation feeds the same model padded batches: it attends as it did before packing."""
     model = _model("tiny-llama", "sdpa")
-    packed = pack(records, np.arange(len(LENGTHS)), pad_id=0, width=32)
+    padded = collate(records, np.arange(len(LENGTHS)), pad_id=0)
+    inputs = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        use_packed_attention(model)
+        after = model(**inputs).logits
+    real = padded["attention_mask"].bool()
+    torch.testing.assert_close(after[real], before[real], rtol=1e-5, atol=1e-5)
+
+
+def test_position_ids_alone_leak_between_records(records):
+    """Why the rows and their mask are there: without them a packed record sees the ones before it."""
+    model = _model("tiny-llama", "sdpa")
+    packed = pack(records, np.arange(len(LENGTHS)), width=32)
     with torch.no_grad():
         leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
-        # a record that shares its row with one before it
-        ids = next(ids for ids in records.input_ids if _where(packed, ids)[1] > 0)
-        row, start = _where(packed, ids)
+        ids = next(ids for ids in records.input_ids if _where(packed, ids) > 0)
+        start = _where(packed, ids)
         alone = model(input_ids=torch.tensor([ids])).logits[0]
-    assert (leaky[row, start:start + len(ids)] - alone).abs().max() > 1e-3
+    assert (leaky[0, start:start + len(ids)] - alone).abs().max() > 1e-3
 
 
 def test_packing_keeps_the_padded_batch_targets(records):
     indices = np.arange(len(LENGTHS))
-    packed, padded = pack(records, indices, pad_id=0, width=32), collate(records, indices, pad_id=0)
+    packed, padded = pack(records, indices, width=32), collate(records, indices, pad_id=0)
     assert int((packed["labels"][:, 1:] != IGNORE).sum()) == int((padded["labels"][:, 1:] != IGNORE).sum())
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
 
 
 def _records_in(packed) -> list[tuple]:
-    """The records (token ids) in a packed batch: each starts where the position ids restart at 0;
-    padding (id 0, position 0) is left out."""
-    found = []
-    for ids, positions in zip(packed["input_ids"].tolist(), packed["position_ids"].tolist()):
-        starts = [i for i, position in enumerate(positions) if position == 0] + [len(ids)]
-        found += [tuple(ids[a:b]) for a, b in zip(starts, starts[1:]) if ids[a] != 0]
-    return found
+    """The records (token ids) of a packed batch: each starts where the position ids restart at 0."""
+    ids, positions = packed["input_ids"][0].tolist(), packed["position_ids"][0].tolist()
+    starts = [i for i, position in enumerate(positions) if position == 0] + [len(ids)]
+    return [tuple(ids[a:b]) for a, b in zip(starts, starts[1:])]
 
 
-def _where(packed, ids):
-    """Row and start of a record's tokens in the packed batch."""
+def _where(packed, ids) -> int:
+    """Where a record's tokens start in the packed sequence."""
     ids = torch.tensor(ids)
-    for row in range(packed["input_ids"].shape[0]):
-        starts = (packed["position_ids"][row] == 0).nonzero().flatten().tolist()
-        for start in starts:
-            if torch.equal(packed["input_ids"][row, start:start + len(ids)], ids):
-                return row, start
+    for start in (packed["position_ids"][0] == 0).nonzero().flatten().tolist():
+        if torch.equal(packed["input_ids"][0, start:start + len(ids)], ids):
+            return start
     raise AssertionError("record not found")

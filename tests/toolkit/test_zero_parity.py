@@ -29,7 +29,9 @@ TWO_RANK_LAYOUTS = {
     # packed rows (room for 3-4 records each; none is longer than 32 tokens): the same records
     # per step, so the same losses as the padded reference
     "zero2_packed": "parallel.zero_stage=2,train.grad_accum=1,train.packing=true,train.seq_len=96",
-    # compiled (inductor, eager attention) on packed rows whose count varies: the same maths
+    # compiled (inductor): padded micro-batches of varying width (eager attention), and packed ones
+    # whose tokens and rows vary: the same maths
+    "zero1_compiled": "parallel.zero_stage=1,train.grad_accum=1,train.compile=true",
     "zero2_packed_compiled": "parallel.zero_stage=2,train.grad_accum=1,train.packing=true,train.seq_len=96,"
                              "train.compile=true",
     "pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2,train.grad_accum=2,train.save_steps=3",
@@ -90,11 +92,13 @@ def test_final_reloads_to_the_same_model_as_single_rank(reference, two_ranks, la
     assert ((mine - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
-def test_train_compile_compiles_the_model_with_eager_attention(two_ranks):
-    """What the compiled layout's matching losses are worth: it really ran compiled."""
+def test_layouts_ran_packed_and_compiled_as_asked(two_ranks):
+    """What the packed and compiled layouts' matching losses are worth: they really ran so."""
     for rank in two_ranks:
-        assert rank["zero2_packed_compiled"]["compiled"] and rank["zero2_packed_compiled"]["attention"] == "eager"
-        assert not rank["zero2_packed"]["compiled"] and rank["zero2_packed"]["attention"] == "sdpa"
+        assert rank["zero1_compiled"]["compiled"] and rank["zero2_packed_compiled"]["compiled"]
+        assert not rank["zero2_packed"]["compiled"] and not rank["zero2"]["compiled"]
+        assert rank["zero2_packed"]["attention"] == rank["zero2_packed_compiled"]["attention"] == "dstk_packed"
+        assert rank["zero1_compiled"]["attention"] == "eager" and rank["zero2"]["attention"] == "sdpa"
 
 
 @pytest.mark.parametrize("layout", ["pipe2", "zero3"])

@@ -1,4 +1,5 @@
-"""Sequence packing: records laid end to end in fewer rows, each attending to itself.
+"""Sequence packing: records laid end to end in fewer rows, each attending to itself, and the
+model's other layers computing real tokens only.
 
 The records every data-parallel rank runs at one accumulation step are packed together, and each
 rank runs its share of the rows. The step holds the same records as the padded one, so its loss
@@ -7,7 +8,9 @@ computes them); only the padding is gone, and the ranks get as many rows as each
 take one. Packed per rank instead, GSM8K's records (61% longer than half a row) left the slower of
 2 ranks 6.5 rows of 256 tokens for 8 records on average, against 6.0 packed together.
 
-Position ids restart at each record, and a 4-D block-diagonal causal mask keeps records apart:
+The model gets the rows' real tokens as one flat sequence and runs only attention in the rows
+(``toolkit.models.packed_attention``). Position ids restart at each record, and in the rows a 4-D
+block-diagonal causal mask keeps records apart:
 position ids alone do not, under eager or sdpa attention (measured with transformers 5.24: a second
 record's logits moved by 0.4-0.5). The first token of each record gets no label, as in a padded
 row, where position 0 is never predicted.
@@ -42,40 +45,50 @@ def plan_rows(lengths: np.ndarray, width: int, min_rows: int = 1) -> list[list[i
     return rows
 
 
-def pack(data: EncodedSet, indices, pad_id: int, width: int, dtype: torch.dtype = torch.float32,
+def pack(data: EncodedSet, indices, width: int, dtype: torch.dtype = torch.float32,
          share: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
-    """Pack the records ``indices`` into rows of ``width`` tokens, padded at the end, and keep one
-    share of the rows: with ``share=(r, n)``, rows r, r + n, r + 2n, ... (at least one).
+    """Pack the records ``indices`` into rows of ``width`` tokens and keep one share of the rows:
+    with ``share=(r, n)``, rows r, r + n, r + 2n, ... (at least one).
 
-    Every row is ``width`` long, so that packed micro-batches differ in their number of rows only:
-    a compiled model then runs them all with one graph.
+    The share's records come as one flat sequence of their real tokens, row after row, with the
+    plan of the rows their attention runs in (``toolkit.models.packed_attention``): every layer
+    but attention then computes real tokens only. Rows are ``width`` slots long, so that packed
+    micro-batches differ in their number of rows and tokens only, which a compiled model runs with
+    one graph.
 
     Returns:
-        ``input_ids``, ``labels`` and ``position_ids`` (rows, width), and ``attention_mask``
-        (rows, 1, width, width): 0 where a query may attend, the dtype's minimum elsewhere.
+        ``input_ids``, ``labels`` and ``position_ids`` (1, N); ``attention_mask`` (rows, 1, width,
+        width): 0 where a row slot may attend, the dtype's minimum elsewhere; ``row_slots``
+        (rows x width): the token each row slot holds, N for padding; ``token_slots`` (N): the row
+        slot of each token.
     """
     indices = np.asarray(indices)
     mine, shares = share
     rows = plan_rows(data.lengths[indices], width, min_rows=shares)[mine::shares]
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    # segment id of each position; padding gets its own id per position so that it attends to
-    # itself only (a fully masked row would give NaN, and NaN times a zero gradient is NaN)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    token_slots: list[int] = []
+    # segment id of each slot; padding gets its own id per slot so that it attends to itself
+    # only (a fully masked row would give NaN, and NaN times a zero gradient is NaN)
     segments = torch.arange(width).repeat(len(rows), 1) + len(indices) + 1
     for r, row in enumerate(rows):
-        start = 0
+        start = r * width
         for segment, position in enumerate(row):
             record = int(indices[position])
             n = int(data.lengths[record])
-            input_ids[r, start:start + n] = torch.tensor(data.input_ids[record])
-            labels[r, start:start + n] = torch.tensor(data.labels[record])
-            labels[r, start] = IGNORE  # not predicted from the record before it
-            position_ids[r, start:start + n] = torch.arange(n)
-            segments[r, start:start + n] = segment
+            input_ids += data.input_ids[record]
+            labels += [IGNORE, *data.labels[record][1:]]  # not predicted from the record before it
+            positions += range(n)
+            token_slots += range(start, start + n)
+            segments.view(-1)[start:start + n] = segment
             start += n
+    token_slots = torch.tensor(token_slots)
+    row_slots = torch.full((len(rows) * width,), len(input_ids), dtype=torch.long)
+    row_slots[token_slots] = torch.arange(len(input_ids))
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (segments[:, :, None] == segments[:, None, :]) & causal
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask[:, None]}
+    return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "attention_mask": mask[:, None],
+            "row_slots": row_slots, "token_slots": token_slots}

@@ -148,16 +148,21 @@ def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.
     """
     p = recipe.parallel
     if p.pipeline_stages == 1:
-        attention = compiled_attention(recipe.train.compile)
-        if not recipe.lora.enabled:
-            return load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code,
-                                     attention=attention)
-        from toolkit.models import lora
+        quantization = None
+        if recipe.lora.enabled:
+            from toolkit.models import lora
 
-        quantization = lora.quantization_config(recipe.lora, DTYPES[recipe.train.precision])
+            quantization = lora.quantization_config(recipe.lora, DTYPES[recipe.train.precision])
         model, handle = load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code,
-                                          quantization=quantization, attention=attention)
-        return lora.add_adapters(model, recipe.lora, lora.base_reference(path), recipe.train.seed), handle
+                                          quantization=quantization,
+                                          attention=compiled_attention(recipe.train.compile))
+        if recipe.train.packing:
+            from toolkit.models.packed_attention import use_packed_attention
+
+            use_packed_attention(model)
+        if recipe.lora.enabled:
+            model = lora.add_adapters(model, recipe.lora, lora.base_reference(path), recipe.train.seed)
+        return model, handle
     from transformers import AutoConfig
 
     from toolkit.engine import pipeline_loss
