@@ -51,9 +51,9 @@ class EvalResult:
     records: int
 
 
-# The sizes that vary between packed micro-batches: tokens and rows (see toolkit.data.packing).
-_PACKED_SIZES = {"input_ids": 1, "labels": 1, "position_ids": 1, "token_slots": 0, "attention_mask": 0,
-                 "row_slots": 0}
+# The model inputs' sizes that vary between packed micro-batches: tokens and rows (see
+# toolkit.data.packing).
+_PACKED_SIZES = {"input_ids": 1, "position_ids": 1, "token_slots": 0, "attention_mask": 0, "row_slots": 0}
 
 
 class Trainer:

@@ -10,10 +10,9 @@ take one. Packed per rank instead, GSM8K's records (61% longer than half a row) 
 
 The model gets the rows' real tokens as one flat sequence and runs only attention in the rows
 (``toolkit.models.packed_attention``). Position ids restart at each record, and in the rows a 4-D
-block-diagonal causal mask keeps records apart:
-position ids alone do not, under eager or sdpa attention (measured with transformers 5.24: a second
-record's logits moved by 0.4-0.5). The first token of each record gets no label, as in a padded
-row, where position 0 is never predicted.
+block-diagonal causal mask keeps records apart: position ids alone do not, under eager or sdpa
+attention (measured with transformers 5.24: a second record's logits moved by 0.4-0.5). The first
+token of each record gets no label, as in a padded row, where position 0 is never predicted.
 """
 
 from __future__ import annotations
