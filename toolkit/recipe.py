@@ -178,9 +178,10 @@ class TrainConfig(_Strict):
     seed: int = Field(1234, description="Seed for initialisation, data order and dropout.")
     packing: bool = Field(
         False,
-        description="Pack each micro-batch's records into rows of `seq_len` tokens instead of padding "
-        "them, each record attending only to itself (block-diagonal mask, its own position ids): the "
-        "same records and loss per step, without the padding. Not with pipeline stages.",
+        description="Pack the records all ranks run at one accumulation step into rows of `seq_len` "
+        "tokens instead of padding each micro-batch, each record attending only to itself (block-diagonal "
+        "mask, its own position ids), and run every layer but attention on real tokens only: the same "
+        "records and loss per step, without the padding. Not with pipeline stages.",
     )
     group_by_length: bool = Field(
         True,
