@@ -215,6 +215,8 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.warmup_steps < args.steps:
         parser.error("--warmup-steps must be at least 1 and fewer than --steps (timing starts after one)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (each side runs once per round)")
 
     peaks = {dtype: matmul_peak_per_core(dtype) for dtype in ("fp32", "bf16")}
     if args.precision == "auto":
