@@ -152,12 +152,16 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    if not torch.cuda.is_available():
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
         from toolkit.host_memory import keep_freed_memory
 
         keep_freed_memory()
     _quiet_libraries()
     _init_distributed(recipe)
+    from toolkit.shm_collectives import route_through_shared_memory
+
+    shm_collectives = on_cpu and route_through_shared_memory()
     # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
     # garbage-collected, which ranks do at different times: rank 0's meta-device parameter count
     # in prepare() would then run under zero.Init, alone, and hang the job.
@@ -221,8 +225,8 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
         from toolkit.models.lora import merge
 
         tokenizer.save_pretrained(merge(run_dir.final, run_dir.final / "merged"))
-    memory = {"peak_rss_mb_per_rank": peak_rss_mb_per_rank(), "rss_before_model_mb_per_rank": rss_before_model,
-              "model_state_mb_per_rank": per_rank(model_state_mb(engine))}
+    measured = {"peak_rss_mb_per_rank": peak_rss_mb_per_rank(), "rss_before_model_mb_per_rank": rss_before_model,
+              "model_state_mb_per_rank": per_rank(model_state_mb(engine)), "shm_collectives": shm_collectives}
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],
@@ -231,7 +235,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     if rank == 0:
         from toolkit.report import write_report
 
-        _record_result(run_dir, result, memory)
+        _record_result(run_dir, result, measured)
         try:
             write_report(run_dir)
         except Exception as err:  # the model and its lineage are saved; a report must not undo that
@@ -240,12 +244,12 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     return result
 
 
-def _record_result(run_dir: RunDir, result: FinetuneResult, memory: dict) -> None:
+def _record_result(run_dir: RunDir, result: FinetuneResult, measured: dict) -> None:
     run = run_dir.read_run()
     run["status"] = "completed"
     run["result"] = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
                      "eval_before": result.eval_before, "eval_after": result.eval_after,
-                     "final": str(result.final_dir), **memory}
+                     "final": str(result.final_dir), **measured}
     lineage = {key: run[key] for key in ("recipe_sha256", "data", "audit", "model")}
     (run_dir.final / "dstk_lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")
     run_dir.write_run(run)

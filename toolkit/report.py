@@ -62,7 +62,8 @@ def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
         found.append(("tokens/s", f"{_mean(speed):.0f} (mean of logged windows)"))
     comm = [line["comm_share"] for line in lines if "comm_share" in line]
     if comm:
-        found.append(("communication", f"{_mean(comm):.0%} of step time (mean of logged steps and ranks)"))
+        path = "; collectives through shared memory" if result.get("shm_collectives") else ""
+        found.append(("communication", f"{_mean(comm):.0%} of step time (mean of logged steps and ranks){path}"))
     params = parallel["parameters"]
     found.append(("parameters", f"{params['trainable']:,} trained of {params['total']:,}"
                                 + (" (LoRA adapters)" if run.get("lora") else "")))

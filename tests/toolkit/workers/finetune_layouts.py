@@ -91,7 +91,8 @@ for spec in args.layout:
                              *common, *filter(None, overrides.split(","))])
     logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     entry = {"losses": result.losses, "comm_shares": [line["comm_share"] for line in logged if "loss" in line],
-             "compiled": result.engine.is_compiled}
+             "compiled": result.engine.is_compiled,
+             "shm_collectives": json.loads((result.output_dir / "run.json").read_text())["result"]["shm_collectives"]}
     config = getattr(result.engine.module, "config", None)  # a pipeline module has none
     entry["attention"] = None if config is None else config._attn_implementation
     params = list(result.engine.module.parameters())
