@@ -161,7 +161,8 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     _init_distributed(recipe)
     from toolkit.shm_collectives import route_through_shared_memory
 
-    shm_collectives = on_cpu and route_through_shared_memory()
+    # ZeRO-3 would gain little and pay resident memory for it (see the module)
+    shm_collectives = route_through_shared_memory(enabled=on_cpu and recipe.parallel.zero_stage < 3)
     # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
     # garbage-collected, which ranks do at different times: rank 0's meta-device parameter count
     # in prepare() would then run under zero.Init, alone, and hang the job.

@@ -22,11 +22,11 @@ def ranks():
 
 def test_routed_collectives_are_exact(ranks):
     for rank in ranks:
-        assert rank["routed"] and rank["again"]
-        assert rank["exact"] == {key: True for key in rank["exact"]} and len(rank["exact"]) == 13
+        assert rank["routed"] and rank["again"] and not rank["off"] and rank["on_again"]
+        assert rank["exact"] == {key: True for key in rank["exact"]} and len(rank["exact"]) == 14
 
 
 def test_routed_calls_skip_gloo_and_the_rest_keep_it(ranks):
     for rank in ranks:
         assert rank["routed_calls"] == 0
-        assert rank["on_gloo"] == ["all_reduce"] * 4  # int64, max, async, strided
+        assert rank["on_gloo"] == ["all_reduce"] * 5  # int64, max, async, strided, switched off

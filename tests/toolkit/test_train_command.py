@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.shm_collectives import usable_cores
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -71,6 +73,8 @@ def test_the_run_report_says_what_the_run_directory_says(default_run):
     assert f"| loss | {losses[0]:.4f} -> {losses[-1]:.4f} |" in report
     assert f"-> {after['accuracy']:.1%} ({after['records']} held-out records)" in report
     assert f"| communication | {sum(comm) / len(comm):.0%} of step time" in report
+    routed = run["result"]["shm_collectives"]  # the default's 2 ranks, each with a core of its own
+    assert routed == (usable_cores() >= 2) and ("collectives through shared memory" in report) == routed
     assert f"| audit | {run['audit']['verdict']}" in report and "](report.png)" in report
     picture = (out / "report.png").read_bytes()
     assert picture.startswith(b"\x89PNG\r\n\x1a\n") and len(picture) > 10_000  # three drawn panels, not a blank

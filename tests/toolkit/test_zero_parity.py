@@ -103,10 +103,11 @@ def test_layouts_ran_packed_and_compiled_as_asked(two_ranks):
 
 
 def test_layouts_ran_over_shared_memory_collectives(two_ranks):
-    """The matching losses above are those of the routed collectives (toolkit/shm_collectives.py)."""
+    """The matching losses above are those of the routed collectives (toolkit/shm_collectives.py);
+    ZeRO-3, run after ZeRO-2 in the same process, is not routed."""
     for rank in two_ranks:
         assert {name: layout["shm_collectives"] for name, layout in rank.items()} == \
-            {name: usable_cores() >= 2 for name in TWO_RANK_LAYOUTS}
+            {name: usable_cores() >= 2 and "zero_stage=3" not in spec for name, spec in TWO_RANK_LAYOUTS.items()}
 
 
 @pytest.mark.parametrize("layout", ["pipe2", "zero3"])

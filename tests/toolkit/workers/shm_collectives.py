@@ -70,7 +70,12 @@ result["exact"]["all_reduce async"] = pending.tolist() == [2.0] * 8
 strided = torch.ones(4, 2).t()
 dist.all_reduce(strided)
 result["exact"]["all_reduce strided"] = strided.eq(2).all().item()
-result.update(routed_calls=routed_calls, on_gloo=on_gloo)
+# switched off (a ZeRO-3 run after a ZeRO-2 one in this process) and on again
+off = route_through_shared_memory(enabled=False)
+unrouted = torch.ones(8)
+dist.all_reduce(unrouted)
+result["exact"]["all_reduce switched off"] = unrouted.tolist() == [2.0] * 8
+result.update(routed_calls=routed_calls, on_gloo=on_gloo, off=off, on_again=route_through_shared_memory())
 write_result(result)
 # without it gloo's threads abort the exit ("terminate called without an active exception")
 torch.distributed.destroy_process_group()
