@@ -227,7 +227,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
 
         tokenizer.save_pretrained(merge(run_dir.final, run_dir.final / "merged"))
     measured = {"peak_rss_mb_per_rank": peak_rss_mb_per_rank(), "rss_before_model_mb_per_rank": rss_before_model,
-              "model_state_mb_per_rank": per_rank(model_state_mb(engine)), "shm_collectives": shm_collectives}
+                "model_state_mb_per_rank": per_rank(model_state_mb(engine)), "shm_collectives": shm_collectives}
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],
