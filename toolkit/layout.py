@@ -56,12 +56,14 @@ def describe(recipe: Recipe, config) -> dict:
             raise UserError("parallel.tensor_parallel > 1 is not supported for models with tied input/output "
                             "embeddings (DeepSpeed AutoTP shards their LM head over the vocabulary)",
                             "use ZeRO or parallel.pipeline_stages for this model")
+    from toolkit.models.loading import empty_model
+
+    model = empty_model(config, recipe.trust_remote_code)  # built once for the checks and counts below
     if t.packing:
-        from toolkit.models.loading import empty_model
         from toolkit.models.packed_attention import check_packable
 
-        check_packable(empty_model(config, recipe.trust_remote_code))
-    layout["parameters"] = parameter_counts(recipe, config)
+        check_packable(model)
+    layout["parameters"] = parameter_counts(recipe, model)
     if p.pipeline_stages > 1:
         from toolkit.models.pipeline import plan_split
 
@@ -76,20 +78,19 @@ def describe(recipe: Recipe, config) -> dict:
     return layout
 
 
-def parameter_counts(recipe: Recipe, config) -> dict[str, int]:
-    """Total and trained parameters of the whole model, counted on an empty (meta-device) copy.
+def parameter_counts(recipe: Recipe, model) -> dict[str, int]:
+    """Total and trained parameters of the whole model, counted on its empty (meta-device) copy
+    ``model``, which gets the recipe's LoRA adapters in place.
 
     Raises:
         UserError: LoRA target modules the model does not have.
     """
     if not recipe.lora.enabled:
-        from toolkit.models.loading import empty_model
-
-        total = sum(p.numel() for p in empty_model(config, recipe.trust_remote_code).parameters())
+        total = sum(p.numel() for p in model.parameters())
         return {"total": total, "trainable": total}
     from toolkit.models.lora import empty_adapted
 
-    params = list(empty_adapted(config, recipe.lora, recipe.trust_remote_code).parameters())
+    params = list(empty_adapted(model, recipe.lora).parameters())
     # the model's own parameters are frozen, only the adapters train
     return {"total": sum(p.numel() for p in params if not p.requires_grad),
             "trainable": sum(p.numel() for p in params if p.requires_grad)}

@@ -135,19 +135,19 @@ def adapted_modules(config, lora: LoraConfig) -> set[str]:
     """
     from peft.tuners.lora import LoraLayer
 
-    adapted = empty_adapted(config, lora)
+    from toolkit.models.loading import empty_model
+
+    adapted = empty_adapted(empty_model(config), lora)
     return {name.removeprefix(PEFT_PREFIX) for name, m in adapted.named_modules() if isinstance(m, LoraLayer)}
 
 
-def empty_adapted(config, lora: LoraConfig, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The peft model of ``config`` with the recipe's adapters, on the ``meta`` device (no memory).
+def empty_adapted(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+    """The peft model of an empty (meta-device) ``model`` with the recipe's adapters (no memory).
 
     Raises:
         UserError: the target modules name nothing the model has.
     """
-    from toolkit.models.loading import empty_model
-
-    return add_adapters(empty_model(config, trust_remote_code), lora, base=None, seed=0)
+    return add_adapters(model, lora, base=None, seed=0)
 
 
 def base_reference(path: str) -> str:
