@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from toolkit.data import IGNORE, EncodedSet, collate
 from toolkit.data.packing import pack, plan_rows
 from toolkit.engine import token_losses
+from toolkit.models import packed_attention
 from toolkit.models.packed_attention import use_packed_attention
 from toolkit.models.presets import preset_config
 
@@ -56,8 +57,15 @@ def test_tokens_and_row_slots_map_onto_each_other(records):
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox", "tiny-phi"])
-def test_packed_logits_and_loss_equal_each_record_alone(records, preset):
-    model = _model(preset, "sdpa")
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_logits_and_loss_equal_each_record_alone(records, preset, attention, monkeypatch):
+    """In the rows runs the family's eager attention on a CPU and sdpa on a GPU: both, here on the CPU,
+    against the record alone under the same attention."""
+    if attention == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        monkeypatch.setattr(packed_attention, "_own_attention", lambda module: sdpa_attention_forward)
+    model = _model(preset, attention)
     packed = pack(records, np.arange(len(LENGTHS)), width=32)
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([ids])).logits[0] for ids in records.input_ids]
