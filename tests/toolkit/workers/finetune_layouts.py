@@ -1,8 +1,8 @@
 """Worker: fine-tune the same recipe under several parallel layouts in one launch.
 
 Usage: finetune_layouts.py OUT --layout NAME=key=value,key=value ... [-- key=value ...]
-Writes, per layout, the logged losses and communication shares, whether it ran compiled and with
-which attention, how much of the model this rank holds, and on rank 0 the logits of its
+Writes, per layout, the logged losses and communication shares, whether it ran compiled, with
+which attention and in which dtype it accumulated gradients, how much of the model this rank holds, and on rank 0 the logits of its
 consolidated final/ (reloaded by from_pretrained; a LoRA adapter onto its base) on a fixed probe;
 for layouts driven module by module, also the largest relative difference to the trained
 engine's logits.
@@ -91,7 +91,7 @@ for spec in args.layout:
                              *common, *filter(None, overrides.split(","))])
     logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     entry = {"losses": result.losses, "comm_shares": [line["comm_share"] for line in logged if "loss" in line],
-             "compiled": result.engine.is_compiled,
+             "compiled": result.engine.is_compiled, "grad_accum_dtype": str(result.engine.get_data_types()[1]),
              "shm_collectives": json.loads((result.output_dir / "run.json").read_text())["result"]["shm_collectives"]}
     config = getattr(result.engine.module, "config", None)  # a pipeline module has none
     entry["attention"] = None if config is None else config._attn_implementation
