@@ -38,6 +38,11 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, targets != IGNORE
 
 
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The token-sum of a micro-batch's next-token losses."""
+    return token_losses(logits, labels)[0].sum()
+
+
 def pipeline_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The pipeline's last-stage loss: the token-sum of a micro-batch times its step's scale."""
     labels, scale = target
@@ -86,6 +91,11 @@ class Trainer:
                               and engine.autotp_size() <= 1)  # 0 when AutoTP is off
         self._own_norm = None
         self._norm_wanted = True  # fit() asks for it on the steps it logs only
+        # with a compiled model the loss compiles too: fused, the logits' fp32 copy, log-softmax and
+        # their gradient take a pass or two over the logits instead of several (measured on the
+        # throughput benchmark's 70M model, alternating runs: 1,263-1,325 -> 1,325-1,363 real
+        # tokens/s on fixed-length data, 1,127 -> 1,169 on packed GSM8K)
+        self._loss_sum = torch.compile(loss_sum) if engine.is_compiled else loss_sum
         self.comm_clock = CommClock()  # timed on the steps it logs only
 
     def grad_norm(self) -> float | None:
@@ -124,8 +134,7 @@ class Trainer:
         share = torch.zeros((), device=self.engine.device)
         tokens = max(1, self.batches.target_tokens(step))
         for batch in self._train_batches(step):
-            loss, _ = token_losses(self._logits(batch), batch["labels"].to(self.engine.device))
-            micro = loss.sum() / tokens
+            micro = self._loss_sum(self._logits(batch), batch["labels"].to(self.engine.device)) / tokens
             # DeepSpeed divides by grad_accum and averages over data-parallel ranks; undo both so
             # the gradient is that of the token mean over the whole global batch
             self.engine.backward(micro * self.batches.dp * self.batches.gas)
