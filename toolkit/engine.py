@@ -70,9 +70,9 @@ class Trainer:
         train, evalset: the encoded sets.
         pad_id: the tokenizer's padding id.
         logger: metrics on rank 0.
-        pack_to: pack the records all data-parallel ranks run at one accumulation step into rows
-            of this many tokens, and run this rank's share of them (None: pad each micro-batch);
-            see ``toolkit.data.packing``. Evaluation always pads.
+        pack_to: share the records all data-parallel ranks run at one accumulation step out
+            between the ranks by tokens and pack this rank's share into rows of this many tokens
+            (None: pad each micro-batch); see ``toolkit.data.packing``. Evaluation always pads.
         replicas: ranks that compute each data-parallel share identically (the tensor-parallel
             degree); sums over all ranks are divided by it.
     """
