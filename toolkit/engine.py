@@ -46,7 +46,7 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def pipeline_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The pipeline's last-stage loss: the token-sum of a micro-batch times its step's scale."""
     labels, scale = target
-    return token_losses(logits, labels)[0].sum() * scale
+    return loss_sum(logits, labels) * scale
 
 
 @dataclass

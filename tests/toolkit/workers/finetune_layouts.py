@@ -2,8 +2,9 @@
 
 Usage: finetune_layouts.py OUT --layout NAME=key=value,key=value ... [-- key=value ...]
 Writes, per layout, the logged losses and communication shares, whether it ran compiled, with
-which attention and in which dtype it accumulated gradients, how much of the model this rank holds, and on rank 0 the logits of its
-consolidated final/ (reloaded by from_pretrained; a LoRA adapter onto its base) on a fixed probe;
+which attention and in which dtype it accumulated gradients, how much of the model this rank
+holds, and on rank 0 the logits of its consolidated final/ (reloaded by from_pretrained; a LoRA
+adapter onto its base) on a fixed probe;
 for layouts driven module by module, also the largest relative difference to the trained
 engine's logits.
 """
