@@ -26,11 +26,16 @@ from toolkit.data.batches import EncodedSet
 from toolkit.data.formats import IGNORE
 
 
+def longest_first(lengths: np.ndarray) -> list[int]:
+    """Positions in ``lengths``, by decreasing length (in order of position on a tie)."""
+    return sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+
+
 def plan_rows(lengths: np.ndarray, width: int) -> list[list[int]]:
     """Records (positions in ``lengths``) per row, first-fit by decreasing length; each row <= width."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for position in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
+    for position in longest_first(lengths):
         size = int(lengths[position])
         row = next((r for r, free in enumerate(room) if free >= size), None)
         if row is None:
@@ -48,7 +53,7 @@ def share_out(lengths: np.ndarray, shares: int) -> list[list[int]]:
     share gets a record when there are as many records as shares."""
     tokens = [0] * shares
     dealt: list[list[int]] = [[] for _ in range(shares)]
-    for position in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
+    for position in longest_first(lengths):
         share = tokens.index(min(tokens))
         dealt[share].append(position)
         tokens[share] += int(lengths[position])
