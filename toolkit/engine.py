@@ -12,6 +12,7 @@ Two drivers share that definition: :class:`Trainer` runs an HF module micro-batc
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -38,9 +39,21 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss, targets != IGNORE
 
 
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The sum of fp32 cross-entropies of ``logits`` (..., vocab) against ``targets`` (...); an
+    ignored target counts 0."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The token-sum of a micro-batch's next-token losses."""
-    return token_losses(logits, labels)[0].sum()
+    return cross_entropy_sum(logits[:, :-1], labels[:, 1:])
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the Hugging Face model under ``model`` (a PEFT model's base) takes ``logits_to_keep``."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def pipeline_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -58,7 +71,8 @@ class EvalResult:
 
 # The model inputs' sizes that vary between packed micro-batches: tokens and rows (see
 # toolkit.data.packing).
-_PACKED_SIZES = {"input_ids": 1, "position_ids": 1, "token_slots": 0, "attention_mask": 0, "row_slots": 0}
+_PACKED_SIZES = {"input_ids": 1, "position_ids": 1, "token_slots": 0, "attention_mask": 0, "row_slots": 0,
+                 "logits_to_keep": 0, "targets": 1}
 
 
 class Trainer:
@@ -95,7 +109,10 @@ class Trainer:
         # their gradient take a pass or two over the logits instead of several (measured on the
         # throughput benchmark's 70M model, alternating runs: 1,263-1,325 -> 1,325-1,363 real
         # tokens/s on fixed-length data, 1,127 -> 1,169 on packed GSM8K)
-        self._loss_sum = torch.compile(loss_sum) if engine.is_compiled else loss_sum
+        self._loss_sum = torch.compile(cross_entropy_sum) if engine.is_compiled else cross_entropy_sum
+        # packed: the LM head and the loss on target positions only (a prompt's tokens predict
+        # nothing), where the model takes transformers' logits_to_keep
+        self._targets_only = pack_to is not None and takes_logits_to_keep(engine.module)
         self.comm_clock = CommClock()  # timed on the steps it logs only
 
     def grad_norm(self) -> float | None:
@@ -115,8 +132,11 @@ class Trainer:
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         for records in self.batches.accumulation_steps(step):
             batch = pack(self.train, records, self.pack_to, dtype=dtype, share=(self.batches.rank, self.batches.dp))
+            if not self._targets_only:
+                del batch["logits_to_keep"], batch["targets"]
             for name, dim in _PACKED_SIZES.items():  # a compiled model: one graph for any tokens and rows
-                torch._dynamo.maybe_mark_dynamic(batch[name], dim)
+                if name in batch:
+                    torch._dynamo.maybe_mark_dynamic(batch[name], dim)
             yield batch
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -125,8 +145,16 @@ class Trainer:
         extra = {"position_ids": batch["position_ids"].to(device)} if "position_ids" in batch else {}
         if "row_slots" in batch:  # packed: see toolkit.models.packed_attention
             extra["packed_rows"] = (batch["row_slots"].to(device), batch["token_slots"].to(device))
+        if "logits_to_keep" in batch:
+            extra["logits_to_keep"] = batch["logits_to_keep"].to(device)
         return self.engine(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device), use_cache=False, **extra).logits
+
+    def _micro_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, device = self._logits(batch), self.engine.device
+        if "targets" in batch:  # the logits of target positions only
+            return self._loss_sum(logits, batch["targets"].to(device))
+        return self._loss_sum(logits[:, :-1], batch["labels"][:, 1:].to(device))
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns this rank's share of the step loss (see :meth:`step_loss`)."""
@@ -134,7 +162,7 @@ class Trainer:
         share = torch.zeros((), device=self.engine.device)
         tokens = max(1, self.batches.target_tokens(step))
         for batch in self._train_batches(step):
-            micro = self._loss_sum(self._logits(batch), batch["labels"].to(self.engine.device)) / tokens
+            micro = self._micro_loss_sum(batch) / tokens
             # DeepSpeed divides by grad_accum and averages over data-parallel ranks; undo both so
             # the gradient is that of the token mean over the whole global batch
             self.engine.backward(micro * self.batches.dp * self.batches.gas)
@@ -285,6 +313,12 @@ class PipelineTrainer(Trainer):
 
     def _item(self, batch: dict[str, torch.Tensor], scale: float):
         return (batch["input_ids"], batch["attention_mask"]), (batch["labels"], torch.tensor(scale))
+
+    def _micro_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits, device = self._logits(batch), self.engine.device
+        if "targets" in batch:  # the logits of target positions only
+            return self._loss_sum(logits, batch["targets"].to(device))
+        return self._loss_sum(logits[:, :-1], batch["labels"][:, 1:].to(device))
 
     def train_step(self, step: int) -> torch.Tensor:
         self.engine.train()

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from toolkit.data import IGNORE, EncodedSet, collate
 from toolkit.data.packing import pack, plan_rows
-from toolkit.engine import token_losses
+from toolkit.engine import takes_logits_to_keep, cross_entropy_sum, loss_sum, token_losses
 from toolkit.models import packed_attention
 from toolkit.models.packed_attention import use_packed_attention
 from toolkit.models.presets import preset_config
@@ -80,6 +80,46 @@ def test_packed_logits_and_loss_equal_each_record_alone(records, preset, attenti
             torch.testing.assert_close(logits[0, start:start + len(ids)], alone[r], rtol=1e-5, atol=1e-5)
             alone_sum += token_losses(alone[r][None], torch.tensor([records.labels[r]]))[0].sum()
     torch.testing.assert_close(loss_sum, alone_sum, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gpt-neox", "tiny-phi"])
+def test_logits_of_targets_only_give_the_loss_and_gradient_of_all(records, preset):
+    """Training packed, the LM head and the loss run on target positions only (a third of the
+    tokens here are prompt): the same loss and gradient as from every position's logits."""
+    model = _model(preset, "eager")
+    use_packed_attention(model)
+    assert takes_logits_to_keep(model)
+    packed = pack(records, np.arange(len(LENGTHS)), width=32)
+    inputs = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"],
+              "position_ids": packed["position_ids"], "packed_rows": (packed["row_slots"], packed["token_slots"])}
+
+    def loss_and_grad(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), model.get_output_embeddings().weight.grad.clone()
+
+    every = loss_and_grad(loss_sum(model(**inputs).logits, packed["labels"]))
+    kept_logits = model(**inputs, logits_to_keep=packed["logits_to_keep"]).logits
+    targets = int((packed["labels"] != IGNORE).sum())
+    assert kept_logits.shape[1] == packed["targets"].shape[1] == targets < sum(LENGTHS)
+    kept = loss_and_grad(cross_entropy_sum(kept_logits, packed["targets"]))
+    for mine, expected in zip(kept, every):
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_of_every_position_where_the_model_cannot_keep_fewer():
+    """The LM-head shortcut is taken through a LoRA model to its base, and not for a model whose
+    forward has no ``logits_to_keep``."""
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(_model("tiny-llama", "eager"), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert takes_logits_to_keep(adapted)
+
+    class OwnHead(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            raise NotImplementedError
+
+    assert not takes_logits_to_keep(OwnHead())
 
 
 def test_a_packable_model_still_runs_padded_batches(records):

@@ -75,7 +75,9 @@ def pack(data: EncodedSet, indices, width: int, dtype: torch.dtype = torch.float
         ``input_ids``, ``labels`` and ``position_ids`` (1, N); ``attention_mask`` (rows, 1, width,
         width): 0 where a row slot may attend, the dtype's minimum elsewhere; ``row_slots``
         (rows x width): the token each row slot holds, N for padding; ``token_slots`` (N): the row
-        slot of each token.
+        slot of each token; ``logits_to_keep`` (T): the positions whose next token is a target,
+        and ``targets`` (1, T): those targets, for a model that computes its logits there only
+        (transformers' ``logits_to_keep``).
     """
     mine, shares = share
     indices = np.asarray(indices)
@@ -105,6 +107,9 @@ def pack(data: EncodedSet, indices, width: int, dtype: torch.dtype = torch.float
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (segments[:, :, None] == segments[:, None, :]) & causal
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    following = torch.tensor(labels[1:])  # the label of the token after each one
+    scored = (following != IGNORE).nonzero().view(-1)
     return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "attention_mask": mask[:, None],
-            "row_slots": row_slots, "token_slots": token_slots}
+            "row_slots": row_slots, "token_slots": token_slots,
+            "logits_to_keep": scored, "targets": following[scored][None]}
