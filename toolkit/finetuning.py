@@ -191,6 +191,11 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds_config)
+    kept_zero_buffers = False
+    if on_cpu:
+        from toolkit.host_memory import keep_zero_buffers
+
+        kept_zero_buffers = keep_zero_buffers(engine.optimizer)
     if t.compile:
         engine.compile()
     params = run["parallel"]["parameters"]
@@ -227,7 +232,8 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
 
         tokenizer.save_pretrained(merge(run_dir.final, run_dir.final / "merged"))
     measured = {"peak_rss_mb_per_rank": peak_rss_mb_per_rank(), "rss_before_model_mb_per_rank": rss_before_model,
-                "model_state_mb_per_rank": per_rank(model_state_mb(engine)), "shm_collectives": shm_collectives}
+                "model_state_mb_per_rank": per_rank(model_state_mb(engine)), "shm_collectives": shm_collectives,
+                "kept_zero_buffers": kept_zero_buffers}
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],

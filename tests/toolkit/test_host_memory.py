@@ -3,10 +3,13 @@ buffer costs no page faults."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.multirank import ROOT
+from tests.multirank import ROOT, run_deepspeed
+
+WORKER = Path(__file__).parent / "workers" / "zero_buffers.py"
 
 # A fresh process: this one's malloc settings are left as pytest found them. glibc's mallinfo2
 # says how many bytes are mapped for single blocks (hblkhd). As glibc comes, a 24 MiB block is
@@ -57,3 +60,13 @@ def test_large_blocks_come_from_the_heap_and_are_not_faulted_in_again():
     assert kept == "True" and int(kept_mapped) == 0
     # 3 x 28 MiB is 21,504 pages of 4 KiB
     assert int(faults) < 100
+
+
+def test_zero_gradient_buffers_kept_across_steps_train_the_same_weights():
+    """ZeRO-2, bf16, fp32 gradient accumulation over 2 micro-batches, 3 steps on 2 ranks: DeepSpeed's
+    reduction bucket and fp32 gradient partition are the same tensors at every step, and the weights
+    are those of DeepSpeed's fresh buffers bit for bit (a kept partition not zeroed would carry the
+    last step's gradient into the next)."""
+    for rank in run_deepspeed(WORKER):
+        assert rank["kept"] and rank["moved"] and rank["same_weights"]
+        assert rank["distinct_buffers"] == 2  # one bucket, one partition, over all steps

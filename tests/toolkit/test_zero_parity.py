@@ -124,6 +124,13 @@ def test_layouts_ran_over_shared_memory_collectives(two_ranks):
             {name: usable_cores() >= 2 and "zero_stage=3" not in spec for name, spec in TWO_RANK_LAYOUTS.items()}
 
 
+def test_bf16_zero2_ran_with_its_gradient_buffers_kept(two_ranks):
+    """The bf16 layout's matching losses are those of DeepSpeed's ZeRO-2 optimizer reusing its
+    bucket and fp32 gradient partition across steps (toolkit/host_memory.py); fp32 runs keep none."""
+    for rank in two_ranks:
+        assert [name for name, layout in rank.items() if layout["kept_zero_buffers"]] == ["zero2_bf16"]
+
+
 @pytest.mark.parametrize("layout", ["pipe2", "zero3"])
 def test_run_resumes_from_its_own_checkpoint(two_ranks, layout):
     """Rolled back to step 3 and resumed, steps 4-5 repeat the uninterrupted run's losses (ZeRO-1 and
