@@ -300,6 +300,7 @@ class Trainer:
                                            skipped=sorted(range(last_check + 1, done + 1))))
         return resumed
 
+
 class PipelineTrainer(Trainer):
     """The same steps through DeepSpeed's pipeline engine (``train_batch`` / ``eval_batch``).
 
@@ -313,12 +314,6 @@ class PipelineTrainer(Trainer):
 
     def _item(self, batch: dict[str, torch.Tensor], scale: float):
         return (batch["input_ids"], batch["attention_mask"]), (batch["labels"], torch.tensor(scale))
-
-    def _micro_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, device = self._logits(batch), self.engine.device
-        if "targets" in batch:  # the logits of target positions only
-            return self._loss_sum(logits, batch["targets"].to(device))
-        return self._loss_sum(logits[:, :-1], batch["labels"][:, 1:].to(device))
 
     def train_step(self, step: int) -> torch.Tensor:
         self.engine.train()
