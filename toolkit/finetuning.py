@@ -152,10 +152,10 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    from toolkit.host_memory import keep_freed_memory, keep_zero_buffers
+
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
-        from toolkit.host_memory import keep_freed_memory
-
         keep_freed_memory()
     _quiet_libraries()
     _init_distributed(recipe)
@@ -191,11 +191,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     evalset = encoded("eval", recipe.data.eval_limit) if "eval" in run["data"] else None
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds_config)
-    kept_zero_buffers = False
-    if on_cpu:
-        from toolkit.host_memory import keep_zero_buffers
-
-        kept_zero_buffers = keep_zero_buffers(engine.optimizer)
+    kept_zero_buffers = on_cpu and keep_zero_buffers(engine.optimizer)
     if t.compile:
         engine.compile()
     params = run["parallel"]["parameters"]

@@ -91,10 +91,10 @@ for spec in args.layout:
     result = finetune(None, [f"output_dir={args.out}/{name}", f"parallel.nproc={dist.get_world_size()}",
                              *common, *filter(None, overrides.split(","))])
     logged = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    measured = json.loads((result.output_dir / "run.json").read_text())["result"]
     entry = {"losses": result.losses, "comm_shares": [line["comm_share"] for line in logged if "loss" in line],
              "compiled": result.engine.is_compiled, "grad_accum_dtype": str(result.engine.get_data_types()[1]),
-             **{key: json.loads((result.output_dir / "run.json").read_text())["result"][key]
-                for key in ("shm_collectives", "kept_zero_buffers")}}
+             "shm_collectives": measured["shm_collectives"], "kept_zero_buffers": measured["kept_zero_buffers"]}
     config = getattr(result.engine.module, "config", None)  # a pipeline module has none
     entry["attention"] = None if config is None else config._attn_implementation
     params = list(result.engine.module.parameters())
