@@ -30,6 +30,9 @@ KNOWN_KEYS = frozenset({
     "gradient_accumulation_dtype", "load_universal_checkpoint", "use_node_local_storage", "comms_logger",
 })
 
+# elements per ZeRO-3 optimizer sub-group: its step's fp32 gradient copy is 64 MiB at most (see build)
+ZERO3_SUB_GROUP = 2**24
+
 
 def template_name(recipe: Recipe) -> str:
     """The ``ds_configs/`` template for the recipe's layout: pipeline, AutoTP or a ZeRO stage."""
@@ -85,6 +88,13 @@ def build(recipe: Recipe, hidden_size: int | None = None) -> dict[str, Any]:
     191 MiB of fp32 per rank on a 100M-parameter model; the floor keeps tiny models from paying a
     collective per few thousand gradients.
 
+    ZeRO-3 steps its optimizer one sub-group of the rank's partition at a time, and in bf16 or fp16
+    makes an fp32 copy of that sub-group's gradients to step it: DeepSpeed's default of 1e9 elements
+    is the whole partition wherever a rank holds fewer than 1e9 parameters: 4 bytes a parameter
+    on top of the model states at every step. :data:`ZERO3_SUB_GROUP` elements bound that copy to
+    64 MiB. Measured on a 100M-parameter LLaMA in bf16, 2 ranks, 4 steps, alternating runs: peak
+    2,245 / 2,288 -> 1,990 / 2,051 MiB per rank, tokens/s the same (159-170 vs 153-168).
+
     Raises:
         UserError: the template is unreadable, has unknown keys, or contradicts the recipe.
     """
@@ -111,6 +121,7 @@ def build(recipe: Recipe, hidden_size: int | None = None) -> dict[str, Any]:
     bucket = max((hidden_size or 0) ** 2, 2**20)
     values["zero_optimization.reduce_bucket_size"] = bucket
     values["zero_optimization.stage3_prefetch_bucket_size"] = int(0.9 * bucket)
+    values["zero_optimization.sub_group_size"] = ZERO3_SUB_GROUP
     _fill_auto(config, values, prefix="")
     for key, wanted in (("zero_optimization.stage", p.zero_stage),
                         ("tensor_parallel.autotp_size", p.tensor_parallel)):

@@ -54,6 +54,13 @@ def test_zero3_buckets_follow_the_hidden_size():
         "zero_optimization"]["reduce_bucket_size"] == 2**20
 
 
+def test_zero3_steps_its_optimizer_in_bounded_sub_groups():
+    # DeepSpeed's own 1e9 would copy a whole rank's gradients to fp32 at every step
+    for offload in ("none", "cpu"):
+        config = ds_config.build(load_recipe("tiny", ["parallel.zero_stage=3", f"parallel.offload={offload}"]))
+        assert config["zero_optimization"]["sub_group_size"] == ds_config.ZERO3_SUB_GROUP == 2**24
+
+
 def test_every_template_is_shipped():
     assert set(ds_config.template_names()) == {"zero0", "zero1", "zero2", "zero3", "zero2_offload",
                                                "zero3_offload", "pipeline", "autotp"}
