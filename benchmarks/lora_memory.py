@@ -20,8 +20,9 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from scratch import add_keep_flag, scratch
 
 GOAL = 0.35
 VARIANTS = {"full": [], "lora": ["lora.enabled=true"],
@@ -63,9 +64,16 @@ def main() -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3], help="ZeRO stages (default 2 3)")
     parser.add_argument("--layers", type=int, default=13, help="decoder layers (default 13: ~100M parameters)")
     parser.add_argument("--steps", type=int, default=3)
+    add_keep_flag(parser, "some 3 GB")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="dstk-lora-mem-"))
+    with scratch("dstk-lora-mem-", args.keep) as work:
+        print("\n".join(measure(work, args)))
+    return 0
+
+
+def measure(work: Path, args: argparse.Namespace) -> list[str]:
+    """Print the table, a row per run as it is measured; return the verdicts."""
     params = build_model(work / "model", args.layers)
     print(f"LLaMA of {params / 1e6:.1f}M parameters, 2 ranks, {args.steps} steps; MiB per rank: "
           "model states, and in brackets peak resident memory above the footprint before loading")
@@ -86,9 +94,7 @@ def main() -> int:
             if name == "qlora-nf4":
                 verdicts.append(f"ZeRO-{stage}: QLoRA model states {ratio:.2f}x of full <= {GOAL}: "
                                 f"{'met' if ratio <= GOAL else 'NOT met'}")
-    print("\n".join(verdicts))
-    print(f"runs kept in {work}")
-    return 0
+    return verdicts
 
 
 if __name__ == "__main__":

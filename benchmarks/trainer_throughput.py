@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import hf_trainer_worker
+from scratch import add_keep_flag, scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
@@ -216,8 +215,7 @@ def main() -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 where this machine's cores multiply in bf16 at least twice as fast as fp32")
     parser.add_argument("--no-trainer-compile", action="store_true", help="leave out the Trainer+compile side")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the runs (some 5 GB of checkpoints for both data sets) instead of deleting them")
+    add_keep_flag(parser, "some 5 GB of checkpoints for both data sets")
     args = parser.parse_args()
     if not 1 <= args.warmup_steps < args.steps:
         parser.error("--warmup-steps must be at least 1 and fewer than --steps (timing starts after one)")
@@ -230,12 +228,18 @@ def main() -> int:
     print(f"matmul peak per core: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
           f"-> training in {args.precision}")
 
-    work = Path(tempfile.mkdtemp(prefix="dstk-vs-trainer-"))
+    with scratch("dstk-vs-trainer-", args.keep) as work:
+        verdicts = measure(work, args, peaks[args.precision])
+    return 0 if all(verdicts) else 1
+
+
+def measure(work: Path, args: argparse.Namespace, peak_per_core: float) -> list[bool]:
+    """Print the table and the ratios, data set by data set; return whether each met its goal."""
     needed = args.steps * args.micro_batch_size * NPROC * 4
     train_rows, eval_rows = load_gsm8k(needed) if GSM8K.is_dir() else generated(needed)
     source = "GSM8K" if GSM8K.is_dir() else "generated GSM8K-like records"
     args.params = build_model(work / "model", [r["prompt"] + r["response"] for r in train_rows], args.layers)
-    args.peak = NPROC * peaks[args.precision]
+    args.peak = NPROC * peak_per_core
     print(f"LLaMA {args.params / 1e6:.1f}M parameters, ZeRO-2 {args.precision}, {NPROC} ranks, {args.steps} steps of "
           f"{args.micro_batch_size * NPROC} records, seq_len {args.seq_len}, {args.repeats} rounds; {args.precision} "
           f"matmul peak of {NPROC} cores: {args.peak / 1e9:.0f} GFLOP/s")
@@ -245,21 +249,15 @@ def main() -> int:
     header = f"{'data':9}{'side':16}{'tokens/s':>10}{'MFU':>8}{'eval loss':>11}{'wall s':>8}  tokens/s of each round"
     print(header + "\n" + "-" * len(header))
     verdicts = []
-    try:
-        for name in ("variable", "fixed") if args.data == "both" else (args.data,):
-            rows, held_out, fields, packing = sets[name]
-            rates = compare(name, work, rows, held_out, fields, packing, sides, args)
-            for peer in sides[1:]:
-                ratio = rates["dstk"] / rates[peer]
-                goal = f" (goal >= {GOALS[name]}x)" if peer == "Trainer" else ""
-                print(f"{name:9}dstk / {peer}: {ratio:.2f}x real tokens/s{goal} on {source}", flush=True)
-            verdicts.append(rates["dstk"] / rates["Trainer"] >= GOALS[name])
-    finally:
-        if args.keep:
-            print(f"runs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(verdicts) else 1
+    for name in ("variable", "fixed") if args.data == "both" else (args.data,):
+        rows, held_out, fields, packing = sets[name]
+        rates = compare(name, work, rows, held_out, fields, packing, sides, args)
+        for peer in sides[1:]:
+            ratio = rates["dstk"] / rates[peer]
+            goal = f" (goal >= {GOALS[name]}x)" if peer == "Trainer" else ""
+            print(f"{name:9}dstk / {peer}: {ratio:.2f}x real tokens/s{goal} on {source}", flush=True)
+        verdicts.append(rates["dstk"] / rates["Trainer"] >= GOALS[name])
+    return verdicts
 
 
 if __name__ == "__main__":

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import hf_trainer_worker
 from lora_memory import build_model, train
+from scratch import add_keep_flag, scratch
 
 NPROC = 2
 LAYOUTS = {"ZeRO-0": (0, "none"), "ZeRO-1": (1, "none"), "ZeRO-2": (2, "none"), "ZeRO-3": (3, "none"),
@@ -80,17 +79,11 @@ def main() -> int:
                         help=f"a subset of {', '.join(map(repr, LAYOUTS))}")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="fp32 (the recipe default) or bf16")
-    parser.add_argument("--keep", action="store_true", help="keep the runs (several GB) instead of deleting them")
+    add_keep_flag(parser, "several GB")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="dstk-zero-mem-"))
-    try:
+    with scratch("dstk-zero-mem-", args.keep) as work:
         print("\n".join(measure(work, args)))
-    finally:
-        if args.keep:
-            print(f"runs kept in {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
