@@ -15,14 +15,15 @@ the DeepSpeed config dstk resolved for it: same model, records, ranks and steps.
   copy that DeepSpeed's ZeRO optimizers (stages 1-3) keep even in fp32 (and its bf16 optimizer at
   stage 0). Stage 3 keeps its gradient partition allocated between steps: (2w + k)Ψ/N. Its reduce
   bucket (``reduce_bucket_size`` elements, also kept) is not in the theory: dstk sizes it from the
-  hidden size (4 MiB here). The ZeRO
-  paper's mixed-precision formulas, gradients included (16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N), are
-  printed beside them.
+  hidden size (4 MiB here). The ZeRO paper's mixed-precision formulas, gradients included (16Ψ,
+  4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N), are printed beside them.
   Goal: within 1.15x of theory.
 * peak: the largest resident memory of the rank. Without an accelerator the "device" is host
   memory, so offload moves nothing off it here; its row shows what offload costs in host memory.
   Goal: dstk's ZeRO-3 peak at most 0.56x the Trainer's (the Trainer builds the whole model on
-  every rank before partitioning it; dstk creates it partitioned).
+  every rank before partitioning it; dstk creates it partitioned). Both peak later, in the
+  optimizer steps, so the verdict is printed beside the floor no loading path goes under: the
+  rank's memory before the model plus its model states.
 """
 
 from __future__ import annotations
