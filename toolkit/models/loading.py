@@ -156,6 +156,8 @@ def build_model(recipe, path: str, ds_config: dict[str, Any]) -> tuple[torch.nn.
         model, handle = load_for_training(path, ds_config, recipe.train.precision, recipe.trust_remote_code,
                                           quantization=quantization,
                                           attention=compiled_attention(recipe.train.compile))
+        if quantization is not None:
+            lora.keep_standard_4bit_layout(model)
         if recipe.train.packing:
             from toolkit.models.packed_attention import use_packed_attention
 

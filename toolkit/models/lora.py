@@ -39,6 +39,23 @@ def quantization_config(lora: LoraConfig, dtype: torch.dtype):
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
 
 
+def keep_standard_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep every 4-bit weight of a training model in bitsandbytes' standard layout.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a 4-bit weight into a layout of its
+    inference kernel at the first forward in eval mode without gradients, the evaluation before
+    training. Under ZeRO-3 the repacked tensor is then released, and the weight is gathered again
+    from its partition in the standard layout while the quantization state still describes the
+    repacked one: training went on with wrong weights (a flat loss) and the checkpoint save failed
+    in bitsandbytes. The standard layout computes the same products in training and evaluation.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def peft_config(lora: LoraConfig, base: str | None):
     """peft's ``LoraConfig`` for the recipe's block; ``base`` is what the saved adapter names as its base."""
     from peft import LoraConfig as PeftLoraConfig
