@@ -208,11 +208,12 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
                else Trainer(engine, batches, train, evalset, pack_to=t.seq_len if t.packing else None, **common))
 
     start = checkpoint.resume(engine, run_dir.checkpoints) if recipe.resume == "auto" else 0
-    if rank == 0:
-        run_dir.write_run({**run_dir.read_run(), "status": "running"})
     eval_before = trainer.evaluate() if evalset is not None and start == 0 else None
     if eval_before is not None:
         logger.log_eval(start, eval_before)
+    if rank == 0:  # a resumed run keeps the first attempt's evaluation before training
+        run_dir.write_run({**run_dir.read_run(), "status": "running",
+                           **({"eval_before": vars(eval_before)} if eval_before is not None else {})})
     def save(step: int, metrics: dict) -> None:
         checkpoint.save(engine, run_dir.checkpoints, step, metrics, keep_last=t.keep_last, keep_best=t.keep_best)
 
@@ -251,7 +252,7 @@ def _record_result(run_dir: RunDir, result: FinetuneResult, measured: dict) -> N
     run = run_dir.read_run()
     run["status"] = "completed"
     run["result"] = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
-                     "eval_before": result.eval_before, "eval_after": result.eval_after,
+                     "eval_before": result.eval_before or run.get("eval_before"), "eval_after": result.eval_after,
                      "final": str(result.final_dir), **measured}
     lineage = {key: run[key] for key in ("recipe_sha256", "data", "audit", "model")}
     (run_dir.final / "dstk_lineage.json").write_text(json.dumps(lineage, indent=2) + "\n")

@@ -112,6 +112,8 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
         "parallel": {**parallel, "ds_config_template": recipe.parallel.ds_config
                      or f"ds_configs/{ds_config_module.template_name(recipe)}.json"},
     }
+    if run_dir.run_json.is_file():  # resumed: the first attempt's evaluation before training stays
+        run.update({key: value for key, value in run_dir.read_run().items() if key == "eval_before"})
     run_dir.write_run(run)
     return run
 
@@ -149,9 +151,14 @@ def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
     run = run_dir.read_run()
     if run.get("recipe_sha256") == recipe.sha256() and run.get("status") == "prepared":
         return run  # prepared by `dstk train` for these very workers
-    if recipe.resume == "auto":
+    done = run.get("result", {}).get("steps") if run.get("status") == "completed" else None
+    if recipe.resume == "auto" and (done is None or recipe.train.max_steps > done):
         _check_resumable(run, recipe, run_dir)
         return None  # re-check data and audit, then continue from the newest checkpoint
+    if done is not None:  # a finished run's record is never rewritten by a run that adds nothing
+        raise UserError(f"output_dir {run_dir.root} holds a completed run of {done} steps (its model: "
+                        f"{run_dir.final})", f"pass output_dir=NEW for a new run, or resume=auto with "
+                        f"train.max_steps above {done} to train it further")
     raise UserError(f"output_dir {run_dir.root} already holds a run ({run.get('status')})",
                     "pass resume=auto to continue it, or output_dir=NEW for a new run")
 

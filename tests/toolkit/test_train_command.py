@@ -99,11 +99,30 @@ def test_secrets_in_the_environment_reach_no_file_or_log(default_run):
     assert json.loads((out / "run.json").read_text())["trust_remote_code"] is False
 
 
-def test_existing_run_is_not_overwritten(default_run):
+@pytest.mark.parametrize("again", [[], ["resume=auto"]], ids=["rerun", "resume"])
+def test_a_completed_run_is_never_rewritten(default_run, again):
+    """Neither run again nor resumed with nothing left to train: its record stays byte for byte."""
     out, _ = default_run
-    proc = dstk("train", f"output_dir={out}")
-    assert proc.returncode == 2
-    assert "already holds a run" in proc.stderr and "resume=auto" in proc.stderr
+    before = _snapshot(out)
+    proc = dstk("train", f"output_dir={out}", *again, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"holds a completed run of 300 steps (its model: {out / 'final'})" in proc.stderr
+    assert "train.max_steps above 300" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert _snapshot(out) == before
+
+
+def test_a_resumed_run_keeps_its_first_evaluation(default_run, tmp_path):
+    """Trained further with resume=auto, the run's eval before training is still the first attempt's."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(default_run[0], out)
+    first = json.loads((out / "run.json").read_text())["result"]["eval_before"]
+    proc = dstk("train", f"output_dir={out}", "resume=auto", "train.max_steps=304", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "run.json").read_text())["result"]
+    assert result["steps"] == 304 and result["eval_before"] == first
+    assert "exact match" in proc.stdout and "-> " in (out / "report.md").read_text()
 
 
 def _snapshot(folder: Path) -> dict:
