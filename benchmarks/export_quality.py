@@ -21,9 +21,12 @@ import numpy as np
 import torch
 
 from toolkit import inference
-from toolkit.data import EncodedSet, builtin, collate, encode, load_records
-from toolkit.export import export
-from toolkit.model_dir import resolve
+from toolkit.data import builtin
+from toolkit.data.batches import EncodedSet, collate
+from toolkit.data.formats import encode
+from toolkit.data.records import load_records
+from toolkit.exporting.export import export
+from toolkit.exporting.source import resolve
 from toolkit.models.presets import build_preset
 from toolkit.recipe import DataConfig
 

@@ -60,7 +60,7 @@ def main() -> None:
                               TrainerCallback, TrainingArguments)
 
     from toolkit.recipe import DataConfig
-    from toolkit.data import encode
+    from toolkit.data.formats import encode
 
     config = json.loads(open(args.ds_config).read())
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -107,7 +107,7 @@ def main() -> None:
     # every rank counted its own micro-batches; the step's real tokens are their sum
     mine = torch.tensor([clock.tokens], dtype=torch.float64)
     torch.distributed.all_reduce(mine)
-    from toolkit.metrics import model_state_mb, peak_rss_mb_per_rank, per_rank
+    from toolkit.training.metrics import model_state_mb, peak_rss_mb_per_rank, per_rank
 
     # measured as dstk measures its own: the engine's model states, and the peak resident memory
     memory = {"model_state_mb_per_rank": per_rank(model_state_mb(trainer.model_wrapped)),

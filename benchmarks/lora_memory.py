@@ -7,7 +7,7 @@ Each variant is a real ``dstk train`` run (2 ranks, the built-in reverse task, s
 tokens). Two figures per rank, both from the run's ``run.json``:
 
 * model states: the bytes of every tensor the rank's parameters and optimizer hold after
-  training (weights, gradients, Adam moments, fp32 master copies; ``toolkit.metrics.model_state_mb``),
+  training (weights, gradients, Adam moments, fp32 master copies; ``toolkit.training.metrics.model_state_mb``),
   what the ZeRO paper's formulas predict. The goal (issue 6) is on this figure: QLoRA at most
   0.35x the full fine-tune's.
 * peak: the largest resident memory above what the process held before the model was loaded;

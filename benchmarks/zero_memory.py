@@ -8,7 +8,7 @@ Each layout is a real ``dstk train`` run and a real HF Trainer run (``hf_trainer
 the DeepSpeed config dstk resolved for it: same model, records, ranks and steps. Per rank:
 
 * model states: the bytes of every tensor the engine's parameters and optimizer hold after the
-  steps (``toolkit.metrics.model_state_mb``), both sides measured the same way. After the optimizer
+  steps (``toolkit.training.metrics.model_state_mb``), both sides measured the same way. After the optimizer
   step stages 0-2 have freed the gradients, so the theory they are set beside is weights +
   optimizer state: for Ψ parameters on N ranks, wΨ + kΨ for stage 0, wΨ + kΨ/N for 1 and 2, with
   w=4 bytes per weight in fp32 (2 in bf16) and k=8 for Adam's moments, plus 4 for the fp32 master

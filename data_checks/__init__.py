@@ -10,7 +10,7 @@ the ``dstk`` CLI and for the audit's worker processes, which need neither ``data
 from importlib import import_module
 
 __all__ = ["audit", "AuditPolicy", "DataSpec", "AuditReport", "Finding", "AuditInputError"]
-_HOMES = {"audit": "data_checks.runner", "AuditPolicy": "data_checks.policy", "DataSpec": "data_checks.policy",
+_HOMES = {"audit": "data_checks.auditor", "AuditPolicy": "data_checks.policy", "DataSpec": "data_checks.policy",
           "AuditReport": "data_checks.report", "Finding": "data_checks.report",
           "AuditInputError": "data_checks.errors"}
 

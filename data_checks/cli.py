@@ -1,7 +1,9 @@
-"""``dstk audit``: parse, call :func:`data_checks.audit`, print the summary, map the verdict to an exit code.
+"""The audit of data files from the command line: parse, call :func:`data_checks.audit`, print the
+summary, map the verdict to an exit code.
 
 Exit codes: 0 pass, 1 findings at or above the failing severity, 2 unusable input (one line on
-stderr). ``python -m data_checks.cli`` runs the same command without the rest of ``dstk``.
+stderr). ``python -m data_checks.cli --train F ...`` runs it without ``dstk``; ``dstk audit`` adds
+the audit of a recipe's data (``toolkit.commands.audit``), which needs the recipe's model.
 """
 
 from __future__ import annotations
@@ -21,16 +23,6 @@ EXAMPLES = """examples:
   dstk audit --train data/train.jsonl --eval data/test.jsonl --benchmark gsm8k/test.jsonl
   dstk audit --train train.jsonl --prompt-field question --response-field answer --report out/
   dstk audit --train data/train.jsonl --eval data/test.jsonl --init-manifest"""
-_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".csv", ".tsv", ".parquet", ".txt")
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``audit`` subcommand to ``dstk``'s subparsers."""
-    parser = subparsers.add_parser("audit", help="audit data before training: provenance, leakage, PII",
-                                   description=DESCRIPTION, epilog=EXAMPLES,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,25 +35,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m data_checks.cli ARGS``: the same as ``dstk audit ARGS``."""
+    """``python -m data_checks.cli ARGS``: the same as ``dstk audit ARGS`` on data files."""
     parser = argparse.ArgumentParser(prog="dstk audit", description=DESCRIPTION, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     return args.run(args)
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", nargs="?", help="a recipe (YAML path or built-in name): audit its "
-                        "data.train and data.eval under its audit policy")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, as for dstk train")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of an audit of data files (``--train``, ``--eval``, fields, manifest, report)."""
     parser.add_argument("--train", metavar="F", help="training data file or folder (instead of a recipe)")
     parser.add_argument("--eval", metavar="F", help="eval data file or folder")
     parser.add_argument("--benchmark", metavar="F", action="append", default=[],
                         help="a benchmark the training data must not contain (repeatable)")
     parser.add_argument("--manifest", metavar="M", help="provenance manifest (YAML) of the data files")
     parser.add_argument("--report", metavar="DIR", help="where to write report.json and report.md "
-                        f"(default: OUTPUT_DIR/audit with a recipe, else ./{DEFAULT_REPORT_DIR})")
+                        f"(default: ./{DEFAULT_REPORT_DIR})")
     parser.add_argument("--init-manifest", action="store_true", help="draft a manifest for the data "
                         "files at --manifest (default: manifest.yaml beside the training data) and exit")
     parser.add_argument("--format", choices=("text", "instruction", "chat"),
@@ -75,74 +65,56 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages-field", metavar="NAME",
                         help="message list field of the chat format (default: messages)")
     parser.add_argument("--max-tokens", type=int, metavar="N",
-                        help="report records longer than N whitespace tokens (default: the recipe's train.seq_len)")
+                        help="report records longer than N tokens: words for data files, the model's tokens "
+                        "for a recipe (default: the recipe's train.seq_len)")
     parser.add_argument("--fail-on", choices=("info", "warning", "error"),
                         help="lowest severity that fails (default: the policy's fail_on, error)")
     parser.set_defaults(run=run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from data_checks.runner import audit  # the heavy imports wait until a command really runs
-    from data_checks.manifest import draft_manifest
-    from data_checks.policy import AuditPolicy
-    from data_checks.sources import data_files
+    from data_checks.policy import (
+        AuditPolicy,  # the heavy imports wait until a command really runs
+    )
 
-    if args.recipe and args.train:
-        raise AuditInputError("give a recipe or --train, not both: a recipe's data.train is what it audits")
-    if args.recipe:
-        train, eval_, policy, max_tokens, report_dir = _from_recipe(args)
-    elif args.train:
-        train, eval_ = _spec(args, args.train, None), _spec(args, args.eval, None) if args.eval else None
-        policy, max_tokens, report_dir = AuditPolicy(), None, Path(DEFAULT_REPORT_DIR)
-    else:
-        raise AuditInputError("nothing to audit: pass a recipe, or --train FILE (with --eval, --benchmark, "
-                              "--manifest as needed)")
+    if not args.train:
+        raise AuditInputError("nothing to audit: pass --train FILE (with --eval, --benchmark, --manifest as "
+                              "needed), or a recipe to `dstk audit`")
+    train, eval_ = spec(args, args.train), spec(args, args.eval) if args.eval else None
+    return audit_and_report(args, train, eval_, AuditPolicy(), max_tokens=None, count_tokens=None)
+
+
+def audit_and_report(args: argparse.Namespace, train, eval_, policy, max_tokens, count_tokens) -> int:
+    """Audit ``train`` / ``eval_`` (``DataSpec``s) under ``policy`` and the flags; print the summary
+    and return the exit code. ``--init-manifest`` drafts a manifest of their files instead."""
+    from data_checks.files import data_files
+    from data_checks.manifest import draft_manifest
+    from data_checks.auditor import audit
+
     if args.init_manifest:
-        files = [f for spec in (train, eval_) if spec is not None for f in data_files(spec.path, "data")]
+        files = [f for s in (train, eval_) if s is not None for f in data_files(s.path, "data")]
         out = Path(args.manifest or Path(train.path).parent / "manifest.yaml")
         draft_manifest(files, out)
         print(f"wrote {out}: fill in version, license, use, creators, sources and model_generated, then run "
               f"dstk audit --manifest {out} ...")
         return 0
-    updates = {"benchmarks": policy.benchmarks + [_spec(args, b, None) for b in args.benchmark]}
+    updates = {"benchmarks": policy.benchmarks + [spec(args, b) for b in args.benchmark]}
     if args.fail_on:
         updates["fail_on"] = args.fail_on
     policy = policy.model_copy(update=updates)
-    report = audit(train, eval_, policy=policy, manifest=args.manifest, report_dir=args.report or report_dir,
-                   max_tokens=args.max_tokens or max_tokens)
+    report = audit(train, eval_, policy=policy, manifest=args.manifest, report_dir=args.report or DEFAULT_REPORT_DIR,
+                   max_tokens=args.max_tokens or max_tokens, count_tokens=count_tokens)
     print(report.summary_table())
     return report.exit_code
 
 
-def _spec(args: argparse.Namespace, path: str, split: str | None, **defaults):
+def spec(args: argparse.Namespace, path: str, **defaults):
     """A DataSpec from a path and the field flags (flags win over ``defaults``)."""
     from data_checks.policy import DataSpec
 
     fields = {name: getattr(args, name) or defaults.get(name) for name in
               ("format", "text_field", "prompt_field", "response_field", "messages_field")}
-    return DataSpec(path=path, split=split, **{k: v for k, v in fields.items() if v is not None})
-
-
-def _from_recipe(args: argparse.Namespace):
-    """(train, eval, policy, max_tokens, report_dir) from a recipe and its overrides."""
-    if args.recipe.lower().endswith(_DATA_SUFFIXES):
-        raise AuditInputError(f"{args.recipe} looks like a data file, not a recipe: pass it as --train "
-                              f"{args.recipe}")
-    from toolkit.data.builtin import materialize  # toolkit is imported only for recipes
-    from toolkit.errors import UserError
-    from toolkit.recipe import load_recipe
-
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except UserError as err:
-        raise AuditInputError(str(err)) from None
-    data = recipe.data
-    fields = {name: getattr(data, name, None) for name in
-              ("format", "text_field", "prompt_field", "response_field", "messages_field")}
-    train = _spec(args, materialize(data.train, "train"), None, **fields)
-    eval_path = args.eval or (materialize(data.eval, "eval") if data.eval else None)
-    eval_ = _spec(args, eval_path, None, **fields) if eval_path else None
-    return train, eval_, recipe.audit, recipe.train.seq_len, Path(recipe.output_dir) / "audit"
+    return DataSpec(path=path, **{k: v for k, v in fields.items() if v is not None})
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_checks.errors import AuditInputError
+from data_checks.files import sha256_file
 from data_checks.policy import ProvenancePolicy, Use
 from data_checks.report import Finding
-from data_checks.sources import Source, count_rows, sha256_file
+from data_checks.sources import Source, count_rows
 
 
 class _Strict(BaseModel):

@@ -11,7 +11,6 @@ the 0-based row number in the file (blank lines do not count, as in ``datasets``
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,11 +20,9 @@ import datasets
 import numpy as np
 
 from data_checks.errors import AuditInputError
+from data_checks.files import COMPRESSIONS, builder, builder_options, data_files
 from data_checks.policy import DataSpec, Format, Role
 
-_BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "csv",
-             ".parquet": "parquet", ".txt": "text"}
-_COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
 # The DataSpec attributes naming the fields each format reads.
 _FORMAT_FIELDS = {"text": ("text_field",), "instruction": ("prompt_field", "response_field"),
                   "chat": ("messages_field",)}
@@ -147,14 +144,14 @@ def load_source(spec: DataSpec, role: Role, name: str) -> Source:
     if not Path(spec.path).expanduser().exists() and _looks_like_hub_id(spec.path):
         return _checked(Source(name, role, spec, "text", _load_hub(spec, role), []))
     files = data_files(spec.path, role)
-    builders = {_builder(p) for p in files}
+    builders = {builder(p) for p in files}
     if len(builders) != 1 or None in builders:
         raise AuditInputError(f"{role} data {spec.path}: cannot read {files[0].name!r} and the files "
                               "beside it as one set: use one format (JSONL, JSON, CSV, TSV, Parquet, TXT)")
-    builder = builders.pop()
-    if builder in _LINE_BUILDERS:
+    reader = builders.pop()
+    if reader in _LINE_BUILDERS:
         _check_record_sizes(files, role)
-    dataset, rows, problems = _load_files(files, builder, role)
+    dataset, rows, problems = _load_files(files, reader, role)
     return _checked(Source(name, role, spec, "text", dataset, files, rows, problems))
 
 
@@ -166,7 +163,7 @@ MAX_RECORD_BYTES = 16 * 2**20
 
 def _check_record_sizes(files: list[Path], role: str) -> None:
     for path in files:
-        if path.suffix.lower() in _COMPRESSIONS or path.stat().st_size <= MAX_RECORD_BYTES or _is_json_document(path):
+        if path.suffix.lower() in COMPRESSIONS or path.stat().st_size <= MAX_RECORD_BYTES or _is_json_document(path):
             continue
         with open(path, "rb") as handle:
             for line_no, raw in enumerate(handle, start=1):
@@ -176,52 +173,17 @@ def _check_record_sizes(files: list[Path], role: str) -> None:
                         f"{MAX_RECORD_BYTES // 2**20} MiB are refused: split it into several records or drop it")
 
 
-def data_files(path: str, role: str) -> list[Path]:
-    """The data files of a local path: the file itself, or the data files in a folder.
-
-    Raises:
-        AuditInputError: The path does not exist, or the folder holds no data file.
-    """
-    local = Path(path).expanduser()
-    if local.is_file():
-        return [local]
-    if not local.is_dir():
-        raise AuditInputError(f"{role} data {path} does not exist: pass an existing file (JSONL, JSON, CSV, "
-                              "TSV, Parquet, TXT), a folder of them, or a hub id")
-    files = sorted(p for p in local.iterdir() if p.is_file() and _builder(p))
-    if not files:
-        raise AuditInputError(f"{role} data folder {path} holds no data file: put JSONL, JSON, CSV, TSV, "
-                              "Parquet or TXT files in it, or pass one file")
-    return files
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def count_rows(path: Path) -> int:
     """Records in one data file, readable or not (non-blank lines for JSON lines)."""
-    if _builder(path) == "json" and not _is_json_document(path):
+    if builder(path) == "json" and not _is_json_document(path):
         with open(path, "rb") as handle:
             return sum(1 for line in handle if line.strip())
-    return len(_load_files([path], _builder(path), "manifest")[0])
-
-
-def _builder(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in _COMPRESSIONS:
-        suffixes = suffixes[:-1]
-    return _BUILDERS.get(suffixes[-1]) if suffixes else None
+    return len(_load_files([path], builder(path), "manifest")[0])
 
 
 def _looks_like_hub_id(path: str) -> bool:
     head = path.split(":", 1)[0]
-    return head.count("/") == 1 and not head.startswith((".", "/", "~")) and _builder(Path(head)) is None
+    return head.count("/") == 1 and not head.startswith((".", "/", "~")) and builder(Path(head)) is None
 
 
 def _load_hub(spec: DataSpec, role: Role) -> datasets.Dataset:
@@ -254,22 +216,22 @@ def _invalid_utf8_at(path: Path) -> int | None:
     return None
 
 
-def _load_files(files: list[Path], builder: str, role: str):
-    kwargs = {"sep": "\t"} if files[0].suffix.lower() == ".tsv" else {}
+def _load_files(files: list[Path], reader: str, role: str):
+    kwargs = builder_options(files[0])
     # pyarrow reads invalid UTF-8 into string columns without a word and fails later, on use
-    broken = {path: at for path in files if builder != "parquet" and path.suffix.lower() not in _COMPRESSIONS
+    broken = {path: at for path in files if reader != "parquet" and path.suffix.lower() not in COMPRESSIONS
               and (at := _invalid_utf8_at(path)) is not None}
-    if broken and builder == "json":
+    if broken and reader == "json":
         return _read_json_lines(files, role)  # each bad line becomes a finding with its line number
     if broken:
         path, at = next(iter(broken.items()))
         raise AuditInputError(f"{role} data {path}: invalid UTF-8 at byte {at}: save the file as UTF-8")
     try:
-        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+        dataset = datasets.load_dataset(reader, data_files=[str(p) for p in files], split="train", **kwargs)
         return dataset, None, []
     except Exception as err:  # datasets wraps parser errors in several types
-        if builder != "json":
-            raise AuditInputError(f"{role} data {files[0]}: cannot be read as {builder.upper()} "
+        if reader != "json":
+            raise AuditInputError(f"{role} data {files[0]}: cannot be read as {reader.upper()} "
                                   f"({_one_line(err)}): fix the file or convert it to JSONL") from None
     return _read_json_lines(files, role)
 

@@ -5,7 +5,7 @@ Any script the launcher runs can do the same with `toolkit.finetune(recipe)`.
 
 import sys
 
-from toolkit.worker import main
+from toolkit.launching.worker import main
 
 if __name__ == "__main__":
     sys.exit(main())

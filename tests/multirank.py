@@ -23,9 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from toolkit.launcher import free_port, remove_shm_buffers
+from tests.conftest import ROOT
+from toolkit.launching.launcher import free_port, remove_shm_buffers
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS_ENV = "DSTK_TEST_RESULTS"
 _RANK_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import cli, launcher
-from toolkit.checkpoint import point_latest, tag, write_manifest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+from toolkit import cli
+from toolkit.checkpoints.store import point_latest, tag, write_manifest
+from toolkit.launching import launcher
 
 
 def _jsonl(path: Path, rows) -> Path:

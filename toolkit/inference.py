@@ -16,10 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TextStreamer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    TextStreamer,
+)
 
-from toolkit.data import IGNORE, EncodedSet, collate, encode, load_records
+from toolkit.data.batches import EncodedSet, collate
+from toolkit.data.formats import encode
+from toolkit.data.records import load_records
 from toolkit.errors import UserError
+from toolkit.loss import next_token_sum, scored
 from toolkit.models.loading import check_causal_lm, check_weights
 from toolkit.recipe import DataConfig
 
@@ -252,26 +260,19 @@ def infer_fields(records: Sequence[dict], fields: DataConfig | None = None) -> D
 
 
 def token_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over labels that are not ``IGNORE``.
+    """Summed next-token negative log-likelihood of a batch and the number of tokens it covers.
 
     Args:
         model: a causal LM.
         batch: ``input_ids``, ``attention_mask`` and ``labels``, each (batch, seq).
 
     Returns:
-        The summed NLL in nats and the number of tokens it covers; their ratio is the mean loss.
+        The summed NLL in nats and the number of scored tokens; their ratio is the mean loss.
     """
-    batch = {k: v.to(model.device) for k, v in batch.items()}
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]  # token t is predicted from tokens < t
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return nll.item(), int((labels != IGNORE).sum())
+        logits = model(input_ids=batch["input_ids"].to(model.device),
+                       attention_mask=batch["attention_mask"].to(model.device)).logits
+    return next_token_sum(logits, batch["labels"]).item(), int(scored(batch["labels"]).sum())
 
 
 def _encode(records: Sequence[dict], tokenizer, fields: DataConfig, max_length: int) -> EncodedSet:

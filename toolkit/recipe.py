@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data_checks import AuditPolicy
+from data_checks.pii import find
 from toolkit.errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
@@ -409,8 +410,6 @@ _URL_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 
 def _refuse_secrets(recipe: Recipe, origin: str) -> None:
     """A recipe is copied into the run directory, run.json and logs, so it must not hold credentials."""
-    from data_checks.pii import find
-
     values = [(key, value) for key, value in _flat(recipe.to_dict()) if isinstance(value, str)]
     found = [(values[i][0], f"{kind} {masked}") for i, kind, masked in
              find([value for _, value in values], ["api_key", "private_key"])]

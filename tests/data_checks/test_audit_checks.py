@@ -6,8 +6,8 @@ import json
 import random
 
 import pytest
-
 from audit_data import paragraph, records_of, write_jsonl
+
 from data_checks import AuditPolicy, DataSpec, audit
 
 PRIVATE_KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM2Ws\n-----END RSA PRIVATE KEY-----"

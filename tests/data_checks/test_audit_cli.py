@@ -1,4 +1,5 @@
-"""``dstk audit`` (as ``python -m data_checks.cli``): exit codes 0/1/2, flags, the manifest draft."""
+"""The audit of data files (``python -m data_checks.cli``, ``dstk audit --train``): exit codes 0/1/2,
+flags, the manifest draft."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from audit_data import write_jsonl
-from data_checks.cli import main, register
+
+from data_checks.cli import add_arguments, main
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -70,20 +71,12 @@ def test_init_manifest_refuses_to_overwrite(tmp_path, files, capsys):
             manifest.read_text()) == (2, "keep me")
 
 
-def test_data_file_given_as_recipe_exits_2_with_a_hint(files, capsys):
-    assert (main([str(files[0])]), f"pass it as --train {files[0]}" in capsys.readouterr().err) == (2, True)
-
-
-def test_register_adds_the_audit_subcommand(tmp_path, files):
-    parser = argparse.ArgumentParser(prog="dstk")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["audit", "--train", str(files[0]), "--fail-on", "info",
-                              "--report", str(tmp_path / "out")])
+def test_the_flags_work_on_any_parser(tmp_path, files):
+    parser = argparse.ArgumentParser(prog="dstk audit")
+    add_arguments(parser)
+    args = parser.parse_args(["--train", str(files[0]), "--fail-on", "info", "--report", str(tmp_path / "out")])
     assert args.run(args) == 1  # the "no manifest" info finding fails at --fail-on info
 
 
-def test_recipe_with_overrides_audits_its_data_into_output_dir(tmp_path, files):
-    pytest.importorskip("toolkit.recipe")
-    code = main(["tiny", f"data.train={files[0]}", f"data.eval={files[1]}", f"output_dir={tmp_path / 'run'}",
-                 "audit.fail_on=info"])
-    assert (code, (tmp_path / "run" / "audit" / "report.json").exists()) == (1, True)  # info: no manifest
+def test_nothing_to_audit_exits_2(capsys):
+    assert (main([]), "pass --train FILE" in capsys.readouterr().err) == (2, True)

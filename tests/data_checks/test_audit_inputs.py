@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from audit_data import write_jsonl
+
 from data_checks import AuditInputError, AuditPolicy, DataSpec, audit
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import yaml
-
 from audit_data import write_jsonl
+
 from data_checks import AuditPolicy, audit
 from data_checks.manifest import draft_manifest
 

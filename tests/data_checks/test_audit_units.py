@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from audit_data import write_jsonl
+
 from data_checks import AuditPolicy, audit, duplicates, normalize, pii, scan
 from data_checks.manifest import _license_problem
 

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from toolkit import checkpoint
+from toolkit.checkpoints import store as checkpoint
 
 
 def _checkpoint(folder, step, payload=b"weights", eval_loss=None):
@@ -30,7 +30,7 @@ def folder(tmp_path):
 
 
 def test_latest_complete_checkpoint_is_chosen(folder):
-    assert checkpoint.verify(folder / "step_000004") is None
+    assert checkpoint.why_incomplete(folder / "step_000004") is None
     assert checkpoint.newest_complete(folder) == folder / "step_000004"
     assert (folder / "latest").read_text() == "step_000004"
 
@@ -43,7 +43,7 @@ def test_latest_complete_checkpoint_is_chosen(folder):
 ])
 def test_corrupt_or_incomplete_checkpoint_is_skipped_with_a_warning(folder, caplog, damage, reason):
     damage(folder / "step_000004")
-    assert reason in checkpoint.verify(folder / "step_000004")
+    assert reason in checkpoint.why_incomplete(folder / "step_000004")
     with caplog.at_level(logging.WARNING):
         assert checkpoint.newest_complete(folder) == folder / "step_000002"
     assert f"skipping checkpoint {folder / 'step_000004'}: " in caplog.text and reason in caplog.text

@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 
-from toolkit.data import EncodedSet, GlobalBatches, encode, eval_shards
+from toolkit.data.batches import EncodedSet, GlobalBatches, eval_shards
 from toolkit.data.builtin import generate
+from toolkit.data.formats import encode
 from toolkit.data.tokenizer import char_tokenizer
 from toolkit.recipe import DataConfig
 

@@ -2,7 +2,7 @@
 
 import math
 
-from toolkit.divergence import DivergenceGuard
+from toolkit.training.divergence import DivergenceGuard
 
 
 def test_nan_and_inf_are_divergences_and_finite_losses_are_not():

@@ -16,13 +16,14 @@ from bitsandbytes.functional import _convert_weight_packed_for_cpu
 from transformers import AutoModelForCausalLM
 
 import toolkit
-from toolkit import inference, probe, quantize
+from data_checks.files import sha256_file
+from toolkit import inference
 from toolkit.cli import main as cli_main
 from toolkit.errors import UserError
-from toolkit.export import MAX_STEP_RATIO, RELOAD_TOLERANCE, export
-from toolkit.rundir import sha256_file
+from toolkit.exporting import probe, quantize
+from toolkit.exporting.export import MAX_STEP_RATIO, RELOAD_TOLERANCE, export
+from toolkit.exporting.probe import probe_ids, probe_logits, relative_error
 from toolkit.models.presets import build_preset
-from toolkit.probe import probe_ids, probe_logits, relative_error
 
 TEXT = "the quick brown fox jumps over the lazy dog. "
 EVAL_ROWS = [

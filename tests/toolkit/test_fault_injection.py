@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import ROOT
 from tests.multirank import run_deepspeed
-from toolkit import checkpoint
+from toolkit.checkpoints import store as checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
 # the recipe of the divergence worker's reference run, which these runs are compared with
 RECIPE = ["train.max_steps=16", "train.log_steps=1", "train.save_steps=4", "data.eval=null",
           "audit.enforce=false", "data.train_limit=2000"]
@@ -51,7 +51,7 @@ def _worker(out: Path, rank: int):
 
     for process in _processes_of(out):
         try:
-            if " -m toolkit.worker" in " ".join(process.info["cmdline"]) and process.environ().get("RANK") == str(rank):
+            if " -m toolkit.launching.worker" in " ".join(process.info["cmdline"]) and process.environ().get("RANK") == str(rank):
                 return process
         except psutil.NoSuchProcess:
             pass
@@ -91,7 +91,7 @@ def _stopped_whole(proc: subprocess.Popen, out: Path) -> str:
     assert _processes_of(out) == [], "a process of the stopped run is still alive"
     latest = checkpoint.newest_complete(out / "checkpoints")
     assert latest is not None and latest.name == (out / "checkpoints" / "latest").read_text().strip()
-    assert checkpoint.verify(latest) is None
+    assert checkpoint.why_incomplete(latest) is None
     return output
 
 
@@ -161,7 +161,7 @@ def test_divergence_guard_stops_or_skips_from_the_last_good_checkpoint(divergenc
     assert rank0["stopped"] is not None and "nan" in rank0["stopped"] and "at step 7" in rank0["stopped"]
     stop = folder / "stop"
     assert (stop / "checkpoints" / "latest").read_text() == "step_000004"
-    assert checkpoint.verify(stop / "checkpoints" / "step_000004") is None
+    assert checkpoint.why_incomplete(stop / "checkpoints" / "step_000004") is None
     assert not (stop / "checkpoints" / "step_000008").exists()
     events = [line for line in _logged_steps(stop) if "event" in line]
     assert [(e["event"], e["step"], e["reason"], e["action"]) for e in events] == [("divergence", 7, "nan", "stop")]

@@ -18,10 +18,13 @@ WORKER = Path(__file__).parent / "workers" / "zero_buffers.py"
 # adaptive bound would not cover) comes from the heap, and once the heap has grown to hold it,
 # reallocating it faults nothing. The heap settles within the first few reallocations (measured:
 # it grows for one of the first four, then never, in 12 runs of 10): where a block lands in it
-# depends on the randomised heap start and the alignment torch asks for.
+# depends on the randomised heap start and the alignment torch asks for. The process first loads
+# transformers, as a training process has before it keeps freed memory: in a bare torch process the
+# heap is small, and one of the reallocations after settling still faulted in 3 runs of 6.
 SCRIPT = """
 import ctypes, resource, torch
-from toolkit.host_memory import keep_freed_memory
+import toolkit.models.loading
+from toolkit.training.host_memory import keep_freed_memory
 
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

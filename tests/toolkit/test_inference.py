@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from toolkit import inference, quantize
+from toolkit import inference
 from toolkit.cli import main as cli_main
 from toolkit.errors import UserError
+from toolkit.exporting import quantize
 from toolkit.inference import evaluate, generate
 from toolkit.models.presets import build_preset
 
@@ -21,7 +22,7 @@ def models(tmp_path_factory) -> dict[str, inference.LoadedModel]:
     """Random-init tiny LLaMA and GPT-2 (tied embeddings), and the LLaMA quantized to nf4 on disk."""
     root = tmp_path_factory.mktemp("models")
     llama = build_preset("tiny-llama", root / "llama", seed=0)
-    gpt2 = build_preset("tiny-gpt2", root / "gpt2", seed=0)
+    build_preset("tiny-gpt2", root / "gpt2", seed=0)
     config = quantize.bnb_config("nf4", double_quant=True, keep_fp=("lm_head",), compute_dtype="float32")
     quantize.save_quantized(inference.load(llama, quantization_config=config).model, root / "llama-nf4")
     inference.load(llama).tokenizer.save_pretrained(root / "llama-nf4")

@@ -5,7 +5,7 @@ import os
 
 def test_a_stale_torch_extension_lock_is_named_before_launch(tmp_path, monkeypatch):
     """A lock left by a killed op build makes every later job hang silently; dstk says so first."""
-    from toolkit.launcher import stale_extension_locks
+    from toolkit.launching.launcher import stale_extension_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale, fresh = tmp_path / "py311_cpu" / "fused_adam" / "lock", tmp_path / "py311_cpu" / "cpu_adam" / "lock"
@@ -20,7 +20,7 @@ def test_a_stale_torch_extension_lock_is_named_before_launch(tmp_path, monkeypat
 def test_deepspeeds_leftover_shared_memory_of_a_run_is_removed_and_no_other(tmp_path):
     from pathlib import Path
 
-    from toolkit.launcher import remove_shm_buffers
+    from toolkit.launching.launcher import remove_shm_buffers
 
     shm = Path("/dev/shm")
     if not shm.is_dir():
@@ -39,8 +39,8 @@ def test_deepspeeds_leftover_shared_memory_of_a_run_is_removed_and_no_other(tmp_
 
 
 def test_a_node_that_sees_other_data_than_node_0_says_which(tmp_path):
-    from toolkit.nodes import data_problems
-    from toolkit.rundir import sha256_file
+    from data_checks.files import sha256_file
+    from toolkit.launching.nodes import data_problems
 
     train, folder = tmp_path / "train.jsonl", tmp_path / "eval"
     train.write_text('{"text": "a"}\n')

@@ -2,9 +2,9 @@
 
 import pytest
 
-from toolkit import layout
 from toolkit.errors import UserError
 from toolkit.models.loading import resolve_model
+from toolkit.plan import layout
 from toolkit.recipe import load_recipe
 
 

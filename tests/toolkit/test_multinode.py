@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import checkpoint
+from tests.conftest import ROOT
+from toolkit.checkpoints import store as checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
 MASTER = "10.77.0.1"
 RECIPE = ["train.max_steps=8", "train.log_steps=1", "train.save_steps=4", "data.eval=null",
           "data.train_limit=2000", "parallel.network_interface=dstk0"]
@@ -217,7 +217,7 @@ def test_hostfile_wrapper_starts_every_host_through_pdsh(tmp_path):
     assert argv[1:3] == ["-m", "deepspeed.launcher.runner"]
     assert argv[3:11] == ["--hostfile", str(tmp_path / "hosts"), "--launcher", "pdsh", "--master_addr", "worker-a",
                           "--master_port", "29500"]
-    assert argv[11:] == ["--module", "toolkit.worker", "--recipe", str(tmp_path / "runs/tiny/recipe.yaml")]
+    assert argv[11:] == ["--module", "toolkit.launching.worker", "--run-dir", str(tmp_path / "runs/tiny")]
     assert not (tmp_path / "runs").exists()
 
     wrong = _wrapper(tmp_path, str(ROOT / "launch/hostfile.sh"), "hosts", "tiny", "parallel.nodes=2")

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from toolkit.data import IGNORE, EncodedSet, collate
+from toolkit.data.batches import EncodedSet, collate
 from toolkit.data.packing import pack, plan_rows
-from toolkit.engine import takes_logits_to_keep, cross_entropy_sum, loss_sum, token_losses
+from toolkit.loss import IGNORE, cross_entropy_sum, next_token_sum
 from toolkit.models import packed_attention
 from toolkit.models.packed_attention import use_packed_attention
 from toolkit.models.presets import preset_config
+from toolkit.training.trainer import takes_logits_to_keep
 
 LENGTHS = [9, 23, 5, 17, 12, 30, 3]
 
@@ -73,12 +74,12 @@ def test_packed_logits_and_loss_equal_each_record_alone(records, preset, attenti
         logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
                        position_ids=packed["position_ids"],
                        packed_rows=(packed["row_slots"], packed["token_slots"])).logits
-        loss_sum = token_losses(logits, packed["labels"])[0].sum()
+        loss_sum = next_token_sum(logits, packed["labels"])
         alone_sum = 0.0
         for r, ids in enumerate(records.input_ids):
             start = _where(packed, ids)
             torch.testing.assert_close(logits[0, start:start + len(ids)], alone[r], rtol=1e-5, atol=1e-5)
-            alone_sum += token_losses(alone[r][None], torch.tensor([records.labels[r]]))[0].sum()
+            alone_sum += next_token_sum(alone[r][None], torch.tensor([records.labels[r]]))
     torch.testing.assert_close(loss_sum, alone_sum, rtol=1e-5, atol=1e-5)
 
 
@@ -98,7 +99,7 @@ def test_logits_of_targets_only_give_the_loss_and_gradient_of_all(records, prese
         loss.backward()
         return loss.detach(), model.get_output_embeddings().weight.grad.clone()
 
-    every = loss_and_grad(loss_sum(model(**inputs).logits, packed["labels"]))
+    every = loss_and_grad(next_token_sum(model(**inputs).logits, packed["labels"]))
     kept_logits = model(**inputs, logits_to_keep=packed["logits_to_keep"]).logits
     targets = int((packed["labels"] != IGNORE).sum())
     assert kept_logits.shape[1] == packed["targets"].shape[1] == targets < sum(LENGTHS)

@@ -3,15 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from toolkit.errors import UserError
-from toolkit.parity import compare, reference_of
 from toolkit.recipe import load_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
+from toolkit.training.parity import compare, reference_of
 
 
 def _lines(losses, norms):

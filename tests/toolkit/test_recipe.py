@@ -2,15 +2,13 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
-from toolkit import ds_config
+from tests.conftest import ROOT
 from toolkit.errors import UserError
+from toolkit.plan import ds_config
 from toolkit.recipe import builtin_recipes, load_recipe
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", builtin_recipes())
@@ -150,10 +148,9 @@ def test_misspelt_deepspeed_key_is_refused(tmp_path):
 
 
 def test_readme_documents_every_recipe_key():
-    from pathlib import Path
 
     from toolkit.recipe import schema_markdown
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     for row in schema_markdown().splitlines()[2:]:
         assert row.split("|")[1].strip() in readme, row

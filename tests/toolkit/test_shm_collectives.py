@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.multirank import run_deepspeed
-from toolkit.shm_collectives import usable_cores
+from toolkit.training.shm_collectives import usable_cores
 
 WORKER = Path(__file__).parent / "workers" / "shm_collectives.py"
 

@@ -2,25 +2,16 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from toolkit.shm_collectives import usable_cores
-
-ROOT = Path(__file__).resolve().parents[2]
-
+from tests.conftest import run_dstk as dstk
+from toolkit.training.shm_collectives import usable_cores
 
 # A credential in the environment, as on any machine that pulls from the hub: it must not reach
 # the run directory or the console.
 SECRET = "hf_Zq8v3LmP0xR7tN2wK5yB9cD4fG6hJ1sA"
-
-
-def dstk(*args, cwd=ROOT, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")

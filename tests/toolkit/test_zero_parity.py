@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.multirank import run_deepspeed
-from toolkit.shm_collectives import usable_cores
+from toolkit.training.shm_collectives import usable_cores
 
 WORKER = Path(__file__).parent / "workers" / "finetune_layouts.py"
 # 5 logged steps, no eval, no mid-run checkpoint: only the maths of the step is compared, so the
@@ -176,7 +176,7 @@ def test_pipeline_run_exports_to_a_verified_nf4_model(two_ranks, layouts_dir):
 
 
 def test_zero3_run_exports_to_a_verified_fp4_model(two_ranks, layouts_dir, tmp_path):
-    from toolkit.rundir import sha256_file
+    from data_checks.files import sha256_file
 
     run = layouts_dir / "zero3"
     proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", str(run), "--quant", "fp4",
@@ -192,7 +192,7 @@ def test_newest_checkpoint_consolidates_offline_to_the_same_model(two_ranks, lay
     """A run without final/ (stopped early) exports from its newest checkpoint instead."""
     from transformers import AutoModelForCausalLM
 
-    from toolkit.checkpoint import consolidate_newest
+    from toolkit.checkpoints.consolidate import consolidate_newest
 
     run = tmp_path / layout
     shutil.copytree(layouts_dir / layout, run, ignore=shutil.ignore_patterns("final", "nf4"))

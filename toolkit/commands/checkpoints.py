@@ -36,7 +36,7 @@ def _checkpoints(run_dir: str) -> Path:
 
 
 def run_list(args) -> int:
-    from toolkit.checkpoint import list_checkpoints
+    from toolkit.checkpoints.store import list_checkpoints
 
     entries = list_checkpoints(_checkpoints(args.run_dir))
     if args.json:
@@ -54,7 +54,7 @@ def run_list(args) -> int:
 
 
 def run_rollback(args) -> int:
-    from toolkit import checkpoint
+    from toolkit.checkpoints import store as checkpoint
     from toolkit.rundir import RunDir
 
     target = checkpoint.rollback(_checkpoints(args.run_dir), args.to)

@@ -12,10 +12,10 @@ def run(args) -> int:
     import os
     import platform
 
-    from toolkit.ds_config import template_names
     from toolkit.models.presets import PRESETS
+    from toolkit.plan.ds_config import template_names
+    from toolkit.plan.lineage import versions
     from toolkit.recipe import builtin_recipes
-    from toolkit.rundir import versions
 
     for name, value in versions().items():
         print(f"{name:<14} {value}")

@@ -44,7 +44,7 @@ def data_fields(args: argparse.Namespace, records):
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolkit.data import load_records
+    from toolkit.data.records import load_records
     from toolkit.inference import evaluate, load
 
     records = list(load_records(args.data))  # bad data fails before the model loads

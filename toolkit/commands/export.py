@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from toolkit.commands.eval import add_data_arguments, data_fields
-from toolkit.export import COMPUTE_DTYPES, QUANT_TYPES
+from toolkit.exporting import COMPUTE_DTYPES, QUANT_TYPES
 
 
 def register(subparsers) -> None:
@@ -40,11 +40,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from toolkit.export import export
+    from toolkit.exporting.export import export
 
     fields = None
     if args.eval_data is not None:
-        from toolkit.data import load_records
+        from toolkit.data.records import load_records
 
         fields = data_fields(args, load_records(args.eval_data))
     result = export(

@@ -38,9 +38,9 @@ def _late_flags(args) -> None:
 
 
 def run(args) -> int:
-    from toolkit.launcher import launch
+    from toolkit.launching.launcher import launch
     from toolkit.recipe import load_recipe
-    from toolkit.report import print_run_summary
+    from toolkit.training.report import print_run_summary
 
     _late_flags(args)
     recipe_arg, overrides = args.recipe, list(args.overrides)

@@ -21,8 +21,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from toolkit.errors import UserError
-    from toolkit.parity import verify
     from toolkit.recipe import load_recipe
+    from toolkit.training.parity import verify
 
     recipe_arg, overrides = args.recipe, list(args.overrides)
     if recipe_arg is not None and "=" in recipe_arg:

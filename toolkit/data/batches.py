@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from toolkit.data.formats import IGNORE
+from toolkit.errors import UserError
+from toolkit.loss import IGNORE
 
 
 @dataclass
@@ -44,8 +45,6 @@ class GlobalBatches:
         self.global_size = micro_batch_size * grad_accum * data_parallel
         self.steps_per_epoch = len(data) // self.global_size
         if self.steps_per_epoch == 0:
-            from toolkit.errors import UserError
-
             raise UserError(f"the training set has {len(data)} records, fewer than one global batch "
                             f"({self.global_size} = micro_batch_size x grad_accum x data-parallel ranks)",
                             "add data or lower train.micro_batch_size / train.grad_accum")

@@ -11,6 +11,9 @@ import os
 import random
 from pathlib import Path
 
+from toolkit.errors import UserError
+from toolkit.recipe import BUILTIN_PREFIX
+
 TASKS = ("reverse",)
 SIZES = {"train": 20000, "eval": 256}
 DIGITS = (3, 7)  # digit-string lengths, inclusive
@@ -29,8 +32,6 @@ def generate(task: str, split: str, folder: Path, seed: int = 0) -> Path:
     byte-identical files. Files are written whole, then renamed, so a reader never sees half.
     """
     if task not in TASKS:
-        from toolkit.errors import UserError
-
         raise UserError(f"no built-in data set named {task!r}", f"built-in data sets: {', '.join(TASKS)}")
     rng = random.Random(f"{task}-{seed}")
     splits: dict[str, list[tuple[str, str]]] = {}
@@ -58,8 +59,6 @@ def materialize(location: str, split: str) -> str:
 
     The one place a recipe's data location is resolved, for the training gate and `dstk audit`.
     """
-    from toolkit.recipe import BUILTIN_PREFIX
-
     if not location.startswith(BUILTIN_PREFIX):
         return location
     return str(generate(location[len(BUILTIN_PREFIX):], split, cache_dir(), seed=0))

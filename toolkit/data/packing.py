@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from toolkit.data.batches import EncodedSet
-from toolkit.data.formats import IGNORE
+from toolkit.loss import IGNORE
 
 
 def longest_first(lengths: np.ndarray) -> list[int]:

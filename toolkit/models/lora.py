@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from toolkit.errors import UserError
+from toolkit.models.loading import empty_model
+from toolkit.models.pipeline.convert import meta_model
 from toolkit.recipe import LoraConfig
 
 PEFT_PREFIX = "base_model.model."  # what a PeftModel puts before the HF model's names
@@ -66,8 +69,6 @@ def peft_config(lora: LoraConfig, base: str | None):
 
 
 def _target_error(err: ValueError):
-    from toolkit.errors import UserError
-
     # peft's message names the target modules it could not find
     return UserError(f"lora.target_modules: {str(err).splitlines()[0]}",
                      "name modules the model has (e.g. q_proj, v_proj) or `all-linear`")
@@ -152,8 +153,6 @@ def adapted_modules(config, lora: LoraConfig) -> set[str]:
     """
     from peft.tuners.lora import LoraLayer
 
-    from toolkit.models.loading import empty_model
-
     adapted = empty_adapted(empty_model(config), lora)
     return {name.removeprefix(PEFT_PREFIX) for name, m in adapted.named_modules() if isinstance(m, LoraLayer)}
 
@@ -203,8 +202,6 @@ def save_pipeline_adapter(hf_config, config, state: dict[str, torch.Tensor], out
     exactly those a whole-model run writes.
     """
     from peft import get_peft_model
-
-    from toolkit.models.pipeline.convert import meta_model
 
     skeleton = get_peft_model(meta_model(hf_config), config)
     skeleton.peft_config["default"].base_model_name_or_path = config.base_model_name_or_path

@@ -19,6 +19,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from toolkit.errors import UserError
+
 NAME = "dstk_packed"
 
 
@@ -57,8 +59,6 @@ def check_packable(model: torch.nn.Module) -> None:
     """
     family = sys.modules[type(model).__module__]
     if not (model._can_set_attn_implementation() and hasattr(family, "eager_attention_forward")):
-        from toolkit.errors import UserError
-
         raise UserError(f"train.packing needs a model whose attention goes through transformers' attention "
                         f"interface; {type(model).__name__} ({family.__name__}) has its own",
                         "set train.packing=false (train.group_by_length still trims the padding)")
@@ -68,7 +68,10 @@ def use_packed_attention(model: torch.nn.Module) -> None:
     """Let ``model`` (one :func:`check_packable` accepts) take packed micro-batches, and still any
     padded one."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
 
     AttentionInterface.register(NAME, packed_attention)
     # the mask a padded batch needs is that of the attention it falls back to

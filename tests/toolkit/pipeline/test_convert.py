@@ -14,7 +14,8 @@ from transformers import AutoConfig
 
 from tests.toolkit.pipeline.tiny import CONFIGS, micro_batches, tiny_config, tiny_model
 from toolkit.errors import UserError
-from toolkit.models.pipeline import causal_lm_loss, supported_model_types, to_pipeline
+from toolkit.loss import next_token_mean
+from toolkit.models.pipeline import supported_model_types, to_pipeline
 
 # Phi ties only without an LM-head bias, which Phi always has: tested as an error below.
 CASES = [(family, tie) for family in CONFIGS for tie in (False, True) if (family, tie) != ("phi", True)]
@@ -25,7 +26,7 @@ def _hf_and_pipeline(pipeline, model, batch):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, labels=labels)
         logits = pipeline.eval()((ids, mask))
-    return expected, logits, causal_lm_loss(logits, labels)
+    return expected, logits, next_token_mean(logits, labels)
 
 
 @pytest.mark.parametrize("family,tie", CASES)

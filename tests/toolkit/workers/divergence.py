@@ -13,8 +13,8 @@ import torch
 
 from tests.multirank import write_result
 from toolkit import finetune
-from toolkit.divergence import Diverged
-from toolkit.engine import Trainer
+from toolkit.training.divergence import Diverged
+from toolkit.training.trainer import Trainer
 
 FAULT_STEP = 7
 parser = argparse.ArgumentParser()

@@ -11,7 +11,7 @@ import torch
 from deepspeed.comm import comm
 
 from tests.multirank import write_result
-from toolkit.shm_collectives import route_through_shared_memory
+from toolkit.training.shm_collectives import route_through_shared_memory
 
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 rank, world = dist.get_rank(), dist.get_world_size()

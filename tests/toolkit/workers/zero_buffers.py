@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.multirank import write_result
-from toolkit.host_memory import keep_zero_buffers
 from toolkit.models.presets import preset_config
+from toolkit.training.host_memory import keep_zero_buffers
 
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "steps_per_print": 1000,

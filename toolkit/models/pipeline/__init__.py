@@ -16,13 +16,11 @@ Supported families: LLaMA, Mistral, Qwen2, Gemma, Phi, GPT-NeoX, GPT-2, OPT
 from toolkit.models.pipeline.consolidate import consolidate, consolidate_adapter
 from toolkit.models.pipeline.convert import HFPipelineModule, plan_split, to_pipeline
 from toolkit.models.pipeline.families import supported_model_types
-from toolkit.models.pipeline.layers import causal_lm_loss
 from toolkit.models.pipeline.partition import Split
 
 __all__ = [
     "HFPipelineModule",
     "Split",
-    "causal_lm_loss",
     "consolidate",
     "consolidate_adapter",
     "plan_split",

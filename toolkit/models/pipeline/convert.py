@@ -18,6 +18,8 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
 from toolkit.errors import UserError
+from toolkit.loss import next_token_mean
+from toolkit.models.loading import empty_model
 from toolkit.models.pipeline.families import family_for
 from toolkit.models.pipeline.layers import (
     DecoderLayerPipe,
@@ -25,7 +27,6 @@ from toolkit.models.pipeline.layers import (
     EmbeddingPipe,
     FinalPipe,
     HeadPipe,
-    causal_lm_loss,
     tied_head,
 )
 from toolkit.models.pipeline.partition import Split, split_layers
@@ -69,7 +70,10 @@ def plan_layers(model: nn.Module) -> list[PlannedLayer]:
     Raises:
         UserError: Unsupported architecture or layout.
     """
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+    from transformers.masking_utils import (
+        create_causal_mask,
+        create_sliding_window_causal_mask,
+    )
 
     family = family_for(model.config)
     paths = {id(module): path for path, module in model.named_modules()}
@@ -169,7 +173,7 @@ def to_pipeline(
     weights: str | Path | Mapping[str, torch.Tensor] | None = None,
     partition: str = "parameters",
     activation_checkpoint_interval: int = 0,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = causal_lm_loss,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = next_token_mean,
     dtype: torch.dtype = torch.float32,
     seed: int = 1234,
 ) -> HFPipelineModule:
@@ -244,8 +248,6 @@ def _is_config(obj) -> bool:
 
 def meta_model(config) -> nn.Module:
     """The model of ``config`` on the ``meta`` device, once its family is known to be supported."""
-    from toolkit.models.loading import empty_model
-
     family_for(config)  # fail on an unsupported architecture before building anything
     return empty_model(config)
 

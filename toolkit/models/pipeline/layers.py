@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-
 
 class PipeLayer(nn.Module):
     """Base: registers the HF modules a layer owns, taken from a module source.
@@ -114,23 +112,3 @@ class HeadPipe(PipeLayer):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF's causal LM loss: next-token cross-entropy, mean over labels that are not -100.
-
-    Identical to ``model(input_ids, labels=labels).loss``: labels are shifted left by one inside,
-    so ``labels`` is the unshifted copy of ``input_ids`` with -100 where no loss is wanted.
-
-    Args:
-        logits: (batch, seq, vocab) from the last stage.
-        labels: (batch, seq) int64.
-
-    Returns:
-        Scalar loss (float32).
-    """
-    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1).to(logits.device),
-        ignore_index=IGNORE_INDEX,
-    )

@@ -18,48 +18,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from toolkit.data import IGNORE, EncodedSet, GlobalBatches, collate, eval_shards
+from toolkit.data.batches import EncodedSet, GlobalBatches, collate, eval_shards
 from toolkit.data.packing import pack
-from toolkit.comms import CommClock
-from toolkit.metrics import MetricsLogger, per_rank
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy of next-token prediction, and which positions count.
-
-    Returns:
-        ``(loss, mask)``, both (batch, seq-1): loss 0 where the label is ignored.
-    """
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="none").view_as(targets)
-    return loss, targets != IGNORE
-
-
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The sum of fp32 cross-entropies of ``logits`` (..., vocab) against ``targets`` (...); an
-    ignored target counts 0."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The token-sum of a micro-batch's next-token losses."""
-    return cross_entropy_sum(logits[:, :-1], labels[:, 1:])
+from toolkit.loss import IGNORE, cross_entropy_sum, next_token_sum, scored
+from toolkit.training.comms import CommClock
+from toolkit.training.divergence import Diverged, DivergenceGuard
+from toolkit.training.metrics import MetricsLogger, per_rank
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the Hugging Face model under ``model`` (a PEFT model's base) takes ``logits_to_keep``."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def pipeline_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The pipeline's last-stage loss: the token-sum of a micro-batch times its step's scale."""
-    labels, scale = target
-    return loss_sum(logits, labels) * scale
 
 
 @dataclass
@@ -203,12 +174,12 @@ class Trainer:
             logits = self._logits(batch)
             if logits is None:
                 continue
-            loss, mask = token_losses(logits, batch["labels"].to(logits.device))
+            loss = next_token_sum(logits, batch["labels"])
             hit = logits[:, :-1].argmax(-1).cpu() == batch["labels"][:, 1:]
-            mask = mask.cpu()
+            mask = scored(batch["labels"])
             has_target = mask.any(dim=1)
             correct = ((hit | ~mask).all(dim=1) & has_target).sum()
-            sums += torch.tensor([loss.sum().item(), mask.sum().item(), correct.item(),
+            sums += torch.tensor([loss.item(), mask.sum().item(), correct.item(),
                                   has_target.sum().item()], dtype=torch.float64)
         dist.all_reduce(sums)
         loss_sum, tokens, correct, records = (sums / self.replicas).tolist()
@@ -226,8 +197,6 @@ class Trainer:
         Raises:
             Diverged: the loss diverged and ``train.divergence`` says stop (or skips ran out).
         """
-        from toolkit.divergence import DivergenceGuard
-
         policy = train.divergence
         guard = DivergenceGuard(policy.spike_factor, policy.window)
         lines: list[dict] = []
@@ -282,8 +251,6 @@ class Trainer:
     def _recover(self, done: int, reason: str, loss: float, policy, skipped: set[int], last_check: int,
                  rollback, lines: list[dict]) -> int:
         """Act on a divergence at step ``done``: raise (stop), or roll back and return the step to go on from."""
-        from toolkit.divergence import Diverged
-
         why = f"the loss is {loss:.4g} at step {done} ({reason})"
         fix = "lower train.lr or raise train.divergence.spike_factor, then continue with resume=auto"
         if policy.action == "stop":

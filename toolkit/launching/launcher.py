@@ -2,7 +2,7 @@
 
 The launcher is DeepSpeed's own (``deepspeed.launcher.runner``, what the ``deepspeed`` command
 runs), started with this Python so workers see the same environment; each worker runs
-``toolkit.worker``, the module behind ``launch/train.py``.
+``toolkit.launching.worker``, the module behind ``launch/train.py``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from toolkit import nodes
+from toolkit.launching import nodes
+from toolkit.plan.prepare import prepare
 from toolkit.recipe import Recipe
-from toolkit.rundir import RunDir, prepare
+from toolkit.rundir import RunDir
 
 
 def free_port() -> int:
@@ -27,13 +28,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(recipe: Recipe, recipe_path: Path, port: int, node_rank: int | None = None,
+def command(recipe: Recipe, run_dir: Path, port: int, node_rank: int | None = None,
             world_hostfile: Path | None = None) -> list[str]:
-    """The DeepSpeed launcher command line that runs ``recipe_path`` on this node's ranks.
+    """The DeepSpeed launcher command line that runs the run planned in ``run_dir`` on this node's ranks.
 
     One node: ``parallel.nproc`` local ranks. A hostfile: every host in it, started from here
     through ``parallel.launcher``. One launcher per node: this node's ranks (``--no_ssh``), the
-    world read from ``world_hostfile`` (see :func:`toolkit.nodes.world_hostfile`).
+    world read from ``world_hostfile`` (see :func:`toolkit.launching.nodes.world_hostfile`).
     """
     p = recipe.parallel
     head = [sys.executable, "-m", "deepspeed.launcher.runner"]
@@ -45,7 +46,7 @@ def command(recipe: Recipe, recipe_path: Path, port: int, node_rank: int | None 
                  "--master_addr", p.master_addr]
     else:
         head += ["--num_gpus", str(p.nproc)]
-    return [*head, "--master_port", str(port), "--module", "toolkit.worker", "--recipe", str(recipe_path.resolve())]
+    return [*head, "--master_port", str(port), "--module", "toolkit.launching.worker", "--run-dir", str(run_dir.resolve())]
 
 
 def worker_env(recipe: Recipe) -> dict[str, str]:
@@ -76,7 +77,7 @@ def launch(recipe: Recipe, node_rank: int | None = None, dry_run: bool = False) 
     with tempfile.TemporaryDirectory(prefix="dstk-launch-") as scratch:
         world = nodes.world_hostfile(recipe, Path(scratch) / "hostfile") if node_rank is not None else None
         if dry_run:
-            print(shlex.join(command(recipe, run_dir.recipe, port, node_rank, world)))
+            print(shlex.join(command(recipe, run_dir.root, port, node_rank, world)))
             if world is not None:
                 print(f"dstk: world: {' '.join(world.read_text().splitlines())}", file=sys.stderr)
             return 0
@@ -85,7 +86,7 @@ def launch(recipe: Recipe, node_rank: int | None = None, dry_run: bool = False) 
                 run = prepare(recipe)
             else:
                 run = stack.enter_context(nodes.NodeGate(recipe, node_rank)).prepare()
-            argv = command(recipe, run_dir.recipe, port, node_rank, world)
+            argv = command(recipe, run_dir.root, port, node_rank, world)
             if "pipeline" in run["parallel"]:
                 print(run["parallel"]["pipeline"]["summary"], flush=True)
             for warning in stale_extension_locks():

@@ -1,4 +1,4 @@
-"""DeepSpeed checkpoints of a run, crash-safe; resume, and consolidation to a Hugging Face model.
+"""DeepSpeed checkpoints of a run, crash-safe: save, verify, list, prune, roll back, resume.
 
 Checkpoints are DeepSpeed's own (``checkpoints/step_NNNNNN`` and ``latest``), so DeepSpeed's
 tools work on them. A crash must never cost a checkpoint that was complete, so each one is
@@ -6,10 +6,6 @@ written under a hidden name (``.step_NNNNNN.partial``), then its files are flush
 their sizes and sha256 in ``dstk_manifest.json``, then it is renamed into place, and only then
 does ``latest`` (replaced atomically) point at it. A checkpoint counts as complete only when its
 manifest verifies; resume skips any other with a warning naming it.
-
-``final/`` is a standard HF directory (safetensors, config, tokenizer) built from the engine's
-in-memory weights: under ZeRO-3 each module's shards are gathered in turn and only rank 0 keeps
-the full state dict.
 """
 
 from __future__ import annotations
@@ -22,6 +18,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from data_checks.files import sha256_file
+from toolkit.errors import UserError
+from toolkit.models.lora import is_adapted
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "dstk_manifest.json"
@@ -32,9 +32,7 @@ def tag(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _frozen_base(engine) -> bool:
-    from toolkit.models.lora import is_adapted
-
+def frozen_base(engine) -> bool:
     return is_adapted(engine.module)
 
 
@@ -55,7 +53,7 @@ def save(engine, folder: Path, step: int, metrics: dict | None = None, keep_last
             shutil.rmtree(left, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(folder), tag=staging, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=_frozen_base(engine))
+                           exclude_frozen_parameters=frozen_base(engine))
     _save_rng_state(folder / staging)
     dist.barrier()  # every rank's files are written
     if leader:
@@ -157,7 +155,7 @@ def list_checkpoints(folder: Path, hashes: bool = True) -> list[dict]:
             "name": path.name, "step": int(path.name.strip(".").removesuffix(".partial").removeprefix("step_")),
             "loss": metrics.get("loss"), "eval_loss": metrics.get("eval_loss"),
             "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
-            "state": "partial" if partial else (verify(path) if hashes else None if manifest else f"no readable {MANIFEST}")
+            "state": "partial" if partial else (why_incomplete(path) if hashes else None if manifest else f"no readable {MANIFEST}")
             or "complete", "latest": path.name == latest,
         })
     return entries
@@ -169,14 +167,12 @@ def rollback(folder: Path, step: int) -> Path:
     Raises:
         UserError: there is no such checkpoint, or it does not verify.
     """
-    from toolkit.errors import UserError
-
     target = folder / tag(step)
     if not target.is_dir():
         steps = [entry["step"] for entry in list_checkpoints(folder) if entry["state"] == "complete"]
         raise UserError(f"{folder}: no checkpoint of step {step}",
                         f"complete checkpoints: {', '.join(map(str, steps)) or 'none'}")
-    problem = verify(target)
+    problem = why_incomplete(target)
     if problem is not None:
         raise UserError(f"{target} is not a complete checkpoint: {problem}", "roll back to another step")
     point_latest(folder, target.name)
@@ -185,8 +181,6 @@ def rollback(folder: Path, step: int) -> Path:
 
 def write_manifest(checkpoint: Path, step: int, metrics: dict) -> None:
     """List every file of ``checkpoint`` with its size and sha256, flushing each to disk first."""
-    from toolkit.rundir import sha256_file
-
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         with path.open("rb") as handle:
@@ -200,10 +194,8 @@ def point_latest(folder: Path, name: str) -> None:
     _write_atomically(folder / LATEST, name)
 
 
-def verify(checkpoint: Path) -> str | None:
+def why_incomplete(checkpoint: Path) -> str | None:
     """Why ``checkpoint`` is not complete (missing manifest, file, size or hash), or None if it is."""
-    from toolkit.rundir import sha256_file
-
     try:
         manifest = json.loads((checkpoint / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -230,7 +222,7 @@ def newest_complete(folder: Path) -> Path | None:
     if named is not None:
         candidates = [named] + [c for c in candidates if c != named]
     for candidate in candidates:
-        problem = verify(candidate)
+        problem = why_incomplete(candidate)
         if problem is None:
             return candidate
         log.warning("skipping checkpoint %s: %s", candidate, problem)
@@ -248,7 +240,7 @@ def resume(engine, folder: Path) -> int:
     if chosen is None:
         return 0
     path, client_state = engine.load_checkpoint(str(folder), tag=chosen.name,
-                                                load_module_strict=not _frozen_base(engine))
+                                                load_module_strict=not frozen_base(engine))
     step = int(client_state["step"])
     _load_rng_state(chosen)
     if dist.get_rank() == 0:
@@ -265,8 +257,6 @@ def _agreed_checkpoint(engine, folder: Path) -> Path | None:
     Raises:
         UserError: node-local checkpoints with no step complete on every node.
     """
-    from toolkit.errors import UserError
-
     leader = _storage_leader(engine)
     mine = newest_complete(folder) if leader else None
     gathered = [None] * dist.get_world_size()
@@ -279,7 +269,7 @@ def _agreed_checkpoint(engine, folder: Path) -> Path | None:
                         "resume on the nodes that wrote them, or start a new run")
     oldest = folder / min(judged)  # zero-padded step names sort as their steps
     problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, verify(oldest) if leader and len(judged) > 1 else None)
+    dist.all_gather_object(problems, why_incomplete(oldest) if leader and len(judged) > 1 else None)
     if any(problems):
         raise UserError(f"checkpoint {oldest.name} is not complete on every node: {next(filter(None, problems))}",
                         "resume on the nodes that wrote it, or start a new run")
@@ -302,119 +292,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> Path | None:
-    """Write the engine's model to ``out`` as a Hugging Face model (tied weights kept tied), or a
-    LoRA run's adapter in peft format.
-
-    Every rank must call this, after :func:`save` of ``step`` into ``checkpoints``; rank 0 writes
-    and returns the folder, the others return None. ZeRO-3 shards and AutoTP slices are gathered
-    module by module (DeepSpeed's own gathers, the ones accelerate and the HF Trainer use too,
-    which return weights in the training dtype); a pipeline is rebuilt from the checkpoint's
-    per-layer files, since each rank only ever held its own stage.
-    """
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    from toolkit.models import lora
-
-    adapted = _frozen_base(engine)
-    if isinstance(engine, PipelineEngine):
-        state = None
-        dist.barrier()  # every stage's layer files are on disk
-    elif adapted:
-        state = lora.trainable_state(engine.module)
-    elif engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-    elif engine.autotp_size() > 1:
-        state = engine._replace_module_consolidated_state_dict()
-    else:
-        state = engine.module.state_dict()
-    if dist.get_rank() != 0:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(engine, PipelineEngine) and adapted:
-        from toolkit.models.pipeline import consolidate_adapter
-
-        state = consolidate_adapter(checkpoints, engine.module.hf_config, tag=tag(step))
-        lora.save_pipeline_adapter(engine.module.hf_config, engine.module.peft_config, state, out)
-    elif isinstance(engine, PipelineEngine):
-        from toolkit.models.pipeline import consolidate as consolidate_pipeline
-
-        consolidate_pipeline(checkpoints, engine.module.hf_config, out, tag=tag(step))
-    elif adapted:
-        lora.save_adapter(engine.module, state, out)
-    else:
-        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def consolidate_newest(root: Path) -> Path:
-    """Consolidate a run's newest complete checkpoint, offline in one process, to ``consolidated/TAG``.
-
-    For a run that has checkpoints but no ``final/`` (stopped early, or still running): ZeRO 1-3
-    through DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights), ZeRO-0 from the model
-    states file, a pipeline from its per-layer files. Written aside and renamed into place.
-
-    Raises:
-        UserError: the run has no complete checkpoint, or it is an AutoTP checkpoint (its slices
-            are only gathered by the live engine, into ``final/``).
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from toolkit.errors import UserError
-    from toolkit.models.loading import load_tokenizer
-    from toolkit.rundir import RunDir
-
-    run = RunDir(Path(root))
-    chosen = newest_complete(run.checkpoints) if run.checkpoints.is_dir() else None
-    if chosen is None:
-        raise UserError(f"{root}: the run has neither final/ nor a complete checkpoint",
-                        "train it (train.save_steps) first")
-    name = chosen.name
-    out = run.root / "consolidated" / name
-    if (out / "config.json").is_file():
-        return out
-    info = run.read_run()
-    if info.get("lora"):
-        raise UserError(f"{root}: a LoRA run's checkpoints hold its adapters only",
-                        "let the run finish: its final/ is the adapter, which export merges into the base")
-    if info["parallel"].get("tensor_parallel", 1) > 1:
-        raise UserError(f"{root}: AutoTP checkpoints are not consolidated offline",
-                        "let the run finish: its final/ is gathered by the live engine")
-    if info["parallel"].get("node_local_storage") and info["parallel"]["zero_stage"] > 0:
-        raise UserError(f"{root}: this node-local run's checkpoint shards are spread over every node's disk",
-                        f"copy each node's checkpoints/{name} into this one first, or let the run finish "
-                        "(node 0 writes final/)")
-    model_path = info["model"]["path"]
-    config = AutoConfig.from_pretrained(model_path)
-    staging = out.with_name(f".{name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    folder = run.checkpoints / name
-    if any(folder.glob("layer_*-model_states.pt")):
-        from toolkit.models.pipeline import consolidate as consolidate_pipeline
-
-        consolidate_pipeline(run.checkpoints, config, staging, tag=name)
-    else:
-        if info["parallel"]["zero_stage"] == 0:
-            # DeepSpeed's own file, written by this run (weights_only: tensors and plain values only)
-            state = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(run.checkpoints), tag=name)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        model.tie_weights()
-        params = model.state_dict()
-        loaded = {params[key].data_ptr() for key in params if key not in missing}
-        tied = {key for key in missing if params[key].data_ptr() in loaded}  # e.g. lm_head = embeddings
-        if unexpected or set(missing) - tied:
-            raise UserError(f"{folder}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]})", "was the run's model replaced?")
-        model.save_pretrained(staging, safe_serialization=True)
-    load_tokenizer(model_path).save_pretrained(staging)
-    staging.replace(out)
-    return out

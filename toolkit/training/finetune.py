@@ -1,7 +1,10 @@
-"""``finetune(recipe)``: one rank's whole run, inside any script the ``deepspeed`` launcher starts.
+"""One rank's whole run: a planned run directory -> model + data -> DeepSpeed engine -> training
+loop -> checkpoints -> ``final/``.
 
-recipe -> prepared run directory -> model + data -> DeepSpeed engine -> loop -> checkpoint ->
-``final/``. Run as a single process (no launcher) it trains on one rank.
+Two ways in. ``dstk train`` plans the run (``toolkit.plan.prepare``) and starts workers that each
+call :func:`run_planned` with the run directory: ``recipe.yaml``, ``ds_config.json`` and ``run.json``
+are their whole input. A script the ``deepspeed`` launcher starts (or plain ``python``, one rank)
+calls :func:`finetune` with a recipe: rank 0 plans the run first, unless it is planned already.
 """
 
 from __future__ import annotations
@@ -11,12 +14,40 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
+import deepspeed
+import torch
+import torch.distributed as dist
+import transformers
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from toolkit.checkpoints import store as checkpoint
+from toolkit.checkpoints.consolidate import consolidate
+from toolkit.data.batches import GlobalBatches
+from toolkit.data.formats import encode_set
 from toolkit.errors import UserError
-from toolkit.recipe import Recipe, load_recipe
-from toolkit.rundir import RunDir, prepare
+from toolkit.launching.launcher import free_port
+from toolkit.launching.nodes import AGREED_ENV, data_problems
+from toolkit.models.build import build_model
+from toolkit.models.loading import load_tokenizer
+from toolkit.models.lora import merge
+from toolkit.plan.prepare import prepare
+from toolkit.recipe import Recipe, load_recipe, with_values
+from toolkit.rundir import RunDir
+from toolkit.training.host_memory import keep_freed_memory, keep_zero_buffers
+from toolkit.training.metrics import (
+    MetricsLogger,
+    model_state_mb,
+    peak_rss_mb_per_rank,
+    per_rank,
+)
+from toolkit.training.report import write_report
+from toolkit.training.shm_collectives import route_through_shared_memory, usable_cores
+from toolkit.training.trainer import PipelineTrainer, Trainer
 
 
 @dataclass
@@ -33,11 +64,60 @@ class FinetuneResult:
     engine: object = field(default=None, repr=False)
 
 
+def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | None = None) -> FinetuneResult:
+    """Fine-tune the recipe's model on this rank; every rank of the job calls it.
+
+    Without a launcher (a plain ``python script.py``) the run is one rank in this process, whatever
+    ``parallel.nproc`` says.
+
+    Args:
+        recipe: a validated :class:`Recipe`, a YAML path or built-in name (None: ``tiny``).
+        overrides: dotted ``key=value`` overrides when ``recipe`` is not a Recipe object.
+
+    Returns:
+        A :class:`FinetuneResult`; ``final_dir`` holds the consolidated Hugging Face model.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    if "RANK" not in os.environ and recipe.parallel.nproc != 1:
+        print(f"dstk: no launcher: training on one rank in this process (parallel.nproc "
+              f"{recipe.parallel.nproc} -> 1)", file=sys.stderr, flush=True)
+        recipe = with_values(recipe, {"parallel.nproc": 1})
+    _join(recipe)
+    return _train(recipe, _plan_everywhere(recipe))
+
+
+def run_planned(run_dir: Path) -> FinetuneResult:
+    """Train the run ``dstk train`` planned in ``run_dir``; every worker it starts calls this."""
+    planned = RunDir(Path(run_dir))
+    if not planned.run_json.is_file():
+        raise UserError(f"{run_dir} holds no planned run (no run.json)", "start runs with `dstk train`")
+    recipe = load_recipe(planned.recipe)
+    _join(recipe)
+    return _train(recipe, planned.read_run())
+
+
+def _join(recipe: Recipe) -> None:
+    """Set this process up as one rank of the recipe's job: threads, memory, logging, process group."""
+    if "OMP_NUM_THREADS" not in os.environ:  # `dstk train` sets it; a hand-run launcher does not
+        # every rank would otherwise start a thread per core, and they would all contend for them
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, DeepSpeed
+        torch.set_num_threads(max(1, usable_cores() // ranks_here))
+    if not torch.cuda.is_available():
+        keep_freed_memory()
+    _quiet_libraries()
+    _init_distributed(recipe)
+    # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
+    # garbage-collected, which ranks do at different times: rank 0's meta-device parameter count
+    # in prepare() would then run under zero.Init, alone, and hang the job.
+    unset_hf_deepspeed_config()
+    if dist.get_world_size() != recipe.parallel.nproc:
+        raise UserError(f"the recipe sets parallel.nproc={recipe.parallel.nproc} but "
+                        f"{dist.get_world_size()} rank(s) were started",
+                        f"launch with --num_gpus {recipe.parallel.nproc} or set parallel.nproc")
+
+
 def _quiet_libraries() -> None:
-    import warnings
-
-    import transformers
-
     # DeepSpeed still calls collectives torch has renamed; the warning is not the user's to act on
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     # peft asks about gradient checkpointing under transformers' old name
@@ -48,19 +128,12 @@ def _quiet_libraries() -> None:
 
 
 def _teardown() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def _init_distributed(recipe: Recipe) -> None:
     """Join the launcher's process group, or make a one-rank group when there is no launcher."""
-    from datetime import timedelta
-
-    import deepspeed
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     interface = recipe.parallel.network_interface
@@ -68,8 +141,6 @@ def _init_distributed(recipe: Recipe) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
     if "RANK" not in os.environ:  # a plain `python script.py`: one rank, no launcher
-        from toolkit.launcher import free_port
-
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=recipe.parallel.comm_timeout_s))
@@ -79,23 +150,8 @@ def _init_distributed(recipe: Recipe) -> None:
     atexit.register(_teardown)
 
 
-def _data_parallel_rank(engine, recipe: Recipe) -> int:
-    """Which data-parallel share of each global batch this rank computes."""
-    import torch.distributed as dist
-
-    if recipe.parallel.pipeline_stages > 1:
-        return engine.grid.data_parallel_id
-    if recipe.parallel.tensor_parallel > 1:  # DeepSpeed made the groups when it applied AutoTP
-        from deepspeed.utils import groups
-
-        return groups.get_data_parallel_rank()
-    return dist.get_rank()
-
-
-def _prepare_everywhere(recipe: Recipe) -> dict:
-    """Rank 0 prepares (or finds prepared) the run directory; every rank gets the outcome."""
-    import torch.distributed as dist
-
+def _plan_everywhere(recipe: Recipe) -> dict:
+    """Rank 0 plans the run directory (or finds it planned for this recipe); every rank gets run.json."""
     outcome: list = [None]
     if dist.get_rank() == 0:
         try:
@@ -106,10 +162,6 @@ def _prepare_everywhere(recipe: Recipe) -> dict:
     status, value = outcome[0]
     if status == "error":
         raise value
-    from toolkit.nodes import AGREED_ENV
-
-    if recipe.parallel.nodes > 1 and AGREED_ENV not in os.environ:
-        _check_same_data(value)
     return value
 
 
@@ -117,10 +169,6 @@ def _check_same_data(run: dict) -> None:
     """Every other node checks it reads the data node 0 audited (a hostfile launch, or the
     launcher run by hand, has no check before this); every rank learns of a difference, or the
     others would wait forever."""
-    import torch.distributed as dist
-
-    from toolkit.nodes import data_problems
-
     mine = data_problems(run["data"]) if os.environ.get("LOCAL_RANK") == "0" and dist.get_rank() else []
     found: list = [None] * dist.get_world_size()
     dist.all_gather_object(found, mine)
@@ -130,50 +178,24 @@ def _check_same_data(run: dict) -> None:
                         "give every node the same data files, or put them on shared storage")
 
 
-def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | None = None) -> FinetuneResult:
-    """Fine-tune the recipe's model on this rank; every rank of the job calls it.
+def _data_parallel_rank(engine, recipe: Recipe) -> int:
+    """Which data-parallel share of each global batch this rank computes."""
+    if recipe.parallel.pipeline_stages > 1:
+        return engine.grid.data_parallel_id
+    if recipe.parallel.tensor_parallel > 1:  # DeepSpeed made the groups when it applied AutoTP
+        from deepspeed.utils import groups
 
-    Args:
-        recipe: a validated :class:`Recipe`, a YAML path or built-in name (None: ``tiny``).
-        overrides: dotted ``key=value`` overrides when ``recipe`` is not a Recipe object.
+        return groups.get_data_parallel_rank()
+    return dist.get_rank()
 
-    Returns:
-        A :class:`FinetuneResult`; ``final_dir`` holds the consolidated Hugging Face model.
-    """
-    import deepspeed
-    import torch
-    import torch.distributed as dist
 
-    from toolkit import checkpoint
-    from toolkit.data import GlobalBatches, encode_set
-    from toolkit.engine import PipelineTrainer, Trainer
-    from toolkit.metrics import MetricsLogger, model_state_mb, peak_rss_mb_per_rank, per_rank
-    from toolkit.models import build_model, load_tokenizer
-
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides)
-    from toolkit.host_memory import keep_freed_memory, keep_zero_buffers
-
+def _train(recipe: Recipe, run: dict) -> FinetuneResult:
+    """Train the planned run (``run`` is its run.json) on this rank, from model loading to ``final/``."""
+    if recipe.parallel.nodes > 1 and AGREED_ENV not in os.environ:
+        _check_same_data(run)
     on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        keep_freed_memory()
-    _quiet_libraries()
-    _init_distributed(recipe)
-    from toolkit.shm_collectives import route_through_shared_memory
-
     # ZeRO-3 would gain little and pay resident memory for it (see the module)
     shm_collectives = route_through_shared_memory(enabled=on_cpu and recipe.parallel.zero_stage < 3)
-    # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
-    # garbage-collected, which ranks do at different times: rank 0's meta-device parameter count
-    # in prepare() would then run under zero.Init, alone, and hang the job.
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    if dist.get_world_size() != recipe.parallel.nproc:
-        raise UserError(f"the recipe sets parallel.nproc={recipe.parallel.nproc} but "
-                        f"{dist.get_world_size()} rank(s) were started",
-                        f"launch with --num_gpus {recipe.parallel.nproc} or set parallel.nproc")
-    run = _prepare_everywhere(recipe)
     run_dir = RunDir(Path(recipe.output_dir))
     rank, t = dist.get_rank(), recipe.train
     ds_config = json.loads(run_dir.ds_config.read_text())
@@ -214,6 +236,7 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     if rank == 0:  # a resumed run keeps the first attempt's evaluation before training
         run_dir.write_run({**run_dir.read_run(), "status": "running",
                            **({"eval_before": vars(eval_before)} if eval_before is not None else {})})
+
     def save(step: int, metrics: dict) -> None:
         checkpoint.save(engine, run_dir.checkpoints, step, metrics, keep_last=t.keep_last, keep_best=t.keep_best)
 
@@ -223,22 +246,19 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
         lines.append(logger.log_eval(t.max_steps, eval_after))
     last_loss = next((line["loss"] for line in reversed(lines) if "loss" in line), None)
     save(t.max_steps, {"loss": last_loss, "eval_loss": None if eval_after is None else eval_after.loss})
-    checkpoint.consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, t.max_steps)
+    consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, t.max_steps)
     if recipe.lora.merge and rank == 0:
-        from toolkit.models.lora import merge
-
         tokenizer.save_pretrained(merge(run_dir.final, run_dir.final / "merged"))
     measured = {"peak_rss_mb_per_rank": peak_rss_mb_per_rank(), "rss_before_model_mb_per_rank": rss_before_model,
                 "model_state_mb_per_rank": per_rank(model_state_mb(engine)), "shm_collectives": shm_collectives,
-                "kept_zero_buffers": kept_zero_buffers}
+                "kept_zero_buffers": kept_zero_buffers,
+                "threads_per_rank": [int(n) for n in per_rank(torch.get_num_threads(), digits=0)]}
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],
         eval_before=None if eval_before is None else vars(eval_before),
         eval_after=None if eval_after is None else vars(eval_after), engine=engine)
     if rank == 0:
-        from toolkit.report import write_report
-
         _record_result(run_dir, result, measured)
         try:
             write_report(run_dir)

@@ -4,7 +4,7 @@ The export is written to a hidden directory beside OUT and renamed into place on
 passed two checks, so OUT either is a verified export or does not exist:
 
 1. every quantized weight and block scale lies within the round-to-nearest bound of its
-   full-precision source (:func:`toolkit.quantize.weight_errors`), which catches a save that
+   full-precision source (:func:`toolkit.exporting.quantize.weight_errors`), which catches a save that
    corrupts block scales (the reload check alone cannot: the damage reloads faithfully);
 2. OUT, reloaded by a fresh Python process, gives the same probe logits as the in-memory quantized
    model, to ``RELOAD_TOLERANCE`` relative.
@@ -24,14 +24,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data_checks.files import sha256_file
+from toolkit import inference
+from toolkit.data.records import load_records
 from toolkit.errors import UserError
-from toolkit.model_dir import ModelSource, lineage, resolve
-from toolkit.rundir import sha256_file
+from toolkit.exporting import COMPUTE_DTYPES, QUANT_TYPES, probe, quantize
+from toolkit.exporting.sensitivity import layers_to_keep
+from toolkit.exporting.source import ModelSource, lineage, resolve
 
-QUANT_TYPES = ("nf4", "fp4", "int8")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 RELOAD_TOLERANCE = 1e-5  # relative probe-logit difference allowed between reload and in-memory model
-# Largest weight error allowed, in units of the round-to-nearest bound (toolkit.quantize): faithful
+# Largest weight error allowed, in units of the round-to-nearest bound (toolkit.exporting.quantize): faithful
 # exports measure up to 1.0 (the quantizers' thresholds are float constants, hence the 0.1%);
 # scales damaged like bitsandbytes' CPU-packing save does measure 1.47 (double quant) to 1e6.
 MAX_STEP_RATIO = 1.001
@@ -104,7 +106,7 @@ def export(
             default: told by its first record.
         max_loss_rise: the largest relative eval-loss rise allowed (e.g. 0.03); the layers that
             quantization hurts most are then left in full precision too, as few as the budget
-            allows (see :mod:`toolkit.sensitivity`). Needs ``eval_data``.
+            allows (see :mod:`toolkit.exporting.sensitivity`). Needs ``eval_data``.
         trust_remote_code: allow model code shipped inside the source directory to run.
 
     Returns:
@@ -128,8 +130,6 @@ def export(
         _check_out(out)
     # Imported only now: torch, transformers and bitsandbytes take seconds to import, and bad
     # input should fail at once.
-    from toolkit import inference
-    from toolkit.data import load_records
 
     evaluation = None
     if eval_data is not None:
@@ -171,14 +171,11 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
     """
     from transformers import AutoTokenizer
 
-    from toolkit import inference, quantize
-    from toolkit.probe import probe_ids, probe_logits, relative_error, reload_logits
-
     times, tick = {}, time.perf_counter()
     source = inference.load(model_dir, trust_remote_code=trust_remote_code)
     config = source.model.config
-    ids = probe_ids(config.vocab_size, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
-    source_logits = probe_logits(source.model, ids)
+    ids = probe.probe_ids(config.vocab_size, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
+    source_logits = probe.probe_logits(source.model, ids)
     before = inference.evaluate(source, evaluation[0], fields=evaluation[1]) if evaluation else None
     options["compute_dtype"] = options["compute_dtype"] or str(source.model.dtype).removeprefix("torch.")
     times["source"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -189,14 +186,12 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
 
     search = None
     if options["max_loss_rise"] is not None:
-        from toolkit.sensitivity import layers_to_keep
-
         search = layers_to_keep(model_dir, bnb_config(), source, evaluation, before.loss, options["max_loss_rise"],
                                 trust_remote_code)
         options["keep_fp"] = options["keep_fp"] + search.kept
         times["keep_search"], tick = time.perf_counter() - tick, time.perf_counter()
     quantized = inference.load(model_dir, quantization_config=bnb_config(), trust_remote_code=trust_remote_code)
-    # Save before the quantized model runs anything: see toolkit.quantize on why a forward pass first
+    # Save before the quantized model runs anything: see toolkit.exporting.quantize on why a forward pass first
     # would make bitsandbytes write wrong block scales.
     quantize.save_quantized(quantized.model, staging)
     if inference.has_tokenizer(model_dir):
@@ -215,11 +210,11 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
     del source  # only one full-precision copy at a time
     times["quantize_and_save"], tick = time.perf_counter() - tick, time.perf_counter()
 
-    memory_logits = probe_logits(quantized.model, ids)
+    memory_logits = probe.probe_logits(quantized.model, ids)
     after = inference.evaluate(quantized, evaluation[0], fields=evaluation[1]) if evaluation else None
     times["eval_quantized"], tick = time.perf_counter() - tick, time.perf_counter()
-    reloaded = reload_logits(staging, ids, trust_remote_code=trust_remote_code)
-    reload_error = relative_error(reloaded, memory_logits)
+    reloaded = probe.reload_logits(staging, ids, trust_remote_code=trust_remote_code)
+    reload_error = probe.relative_error(reloaded, memory_logits)
     if not reload_error <= RELOAD_TOLERANCE:
         raise UserError(
             f"the saved {options['quant']} model does not reload as the model that was saved "
@@ -238,7 +233,7 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
             "probe_shape": list(ids.shape),
             "reload_vs_memory": reload_error,
             "tolerance": RELOAD_TOLERANCE,
-            "quantized_vs_source": relative_error(memory_logits, source_logits),
+            "quantized_vs_source": probe.relative_error(memory_logits, source_logits),
             "weights": asdict(weights),
         },
         "time_s": times,
@@ -248,8 +243,6 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
 
 def _sizes(source_sizes: dict, staging: Path, quantized) -> dict:
     """Bytes of the source and the export, and their ratios."""
-    from toolkit import quantize
-
     stored, fp16 = quantize.quantized_weight_bytes(staging, quantized)
     sizes = source_sizes | {
         "disk_bytes": _weight_bytes(staging),
@@ -269,8 +262,6 @@ def _merge_adapter(src: ModelSource, into: Path, trust_remote_code: bool) -> Non
     """Merge a LoRA adapter into its full-precision base and save the result (with a tokenizer) in ``into``."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toolkit import inference
 
     base = AutoModelForCausalLM.from_pretrained(src.model_dir, dtype="auto", trust_remote_code=trust_remote_code,
                                                 use_safetensors=True)

@@ -1,12 +1,15 @@
-"""Reading a data set through `datasets`: local JSONL/JSON/CSV/Parquet files, folders, hub ids."""
+"""Reading a data set's records through `datasets`: local files, folders of them, hub ids.
+
+The file formats are the data audit's (``data_checks.files``), so whatever the audit read, training
+reads the same way.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from data_checks.files import BUILDERS, builder, builder_options
 from toolkit.errors import UserError
-
-BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_records(source: str, *, trust_remote_code: bool = False):
@@ -21,14 +24,15 @@ def load_records(source: str, *, trust_remote_code: bool = False):
     path = Path(source)
     try:
         if path.is_file():
-            builder = BUILDERS.get(path.suffix.lower())
-            if builder is None:
+            reader = builder(path)
+            if reader is None:
                 raise UserError(f"data file {path} has an unknown extension {path.suffix!r}",
                                 f"use one of {', '.join(BUILDERS)}")
-            return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+            return datasets.load_dataset(reader, data_files=str(path), split="train", keep_in_memory=True,
+                                         **builder_options(path))
         if path.is_dir():
             return datasets.load_dataset(str(path), split="train", keep_in_memory=True)
-        if path.suffix.lower() in BUILDERS or source.startswith((".", "/")):
+        if builder(path) or source.startswith((".", "/")):
             raise UserError(f"data file {path} does not exist", "check the path in data.train / data.eval")
         return datasets.load_dataset(source, split="train", trust_remote_code=trust_remote_code)
     except UserError:

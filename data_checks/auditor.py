@@ -14,11 +14,12 @@ from pathlib import Path
 from data_checks import contamination, duplicates, pii, poisoning, quality
 from data_checks.duplicates import MinHasher
 from data_checks.errors import AuditInputError
+from data_checks.files import sha256_file
 from data_checks.manifest import check_manifest, load_manifest
 from data_checks.policy import AuditPolicy, DataSpec, Role
 from data_checks.report import AuditReport, Finding
 from data_checks.scan import CountTokens, ScanPlan, SplitScan, make_executor, scan_split
-from data_checks.sources import Source, load_source, sha256_file
+from data_checks.sources import Source, load_source
 
 _PII_SEVERITY = {"warn": "warning", "fail": "error", "redact": "info"}
 _PII_EXAMPLES = 5

@@ -8,14 +8,17 @@ pipeline stage will hold. This module answers both and describes the layout for 
 from __future__ import annotations
 
 from toolkit.errors import UserError
+from toolkit.models.loading import empty_model
+from toolkit.models.lora import empty_adapted
+from toolkit.models.packed_attention import check_packable
+from toolkit.models.pipeline import plan_split
+from toolkit.models.presets import preset_config
 from toolkit.recipe import Recipe
 
 
 def model_config(recipe: Recipe, source):
     """The transformers config of the recipe's model, loaded without its weights."""
     if source.kind == "preset":
-        from toolkit.models.presets import preset_config
-
         return preset_config(source.name)
     from transformers import AutoConfig
 
@@ -56,17 +59,11 @@ def describe(recipe: Recipe, config) -> dict:
             raise UserError("parallel.tensor_parallel > 1 is not supported for models with tied input/output "
                             "embeddings (DeepSpeed AutoTP shards their LM head over the vocabulary)",
                             "use ZeRO or parallel.pipeline_stages for this model")
-    from toolkit.models.loading import empty_model
-
     model = empty_model(config, recipe.trust_remote_code)  # built once for the checks and counts below
     if t.packing:
-        from toolkit.models.packed_attention import check_packable
-
         check_packable(model)
     layout["parameters"] = parameter_counts(recipe, model)
     if p.pipeline_stages > 1:
-        from toolkit.models.pipeline import plan_split
-
         split = plan_split(config, p.pipeline_stages, p.pipeline_partition)
         micro = t.grad_accum
         layout["pipeline"] = {
@@ -88,8 +85,6 @@ def parameter_counts(recipe: Recipe, model) -> dict[str, int]:
     if not recipe.lora.enabled:
         total = sum(p.numel() for p in model.parameters())
         return {"total": total, "trainable": total}
-    from toolkit.models.lora import empty_adapted
-
     params = list(empty_adapted(model, recipe.lora).parameters())
     # the model's own parameters are frozen, only the adapters train
     return {"total": sum(p.numel() for p in params if not p.requires_grad),

@@ -18,7 +18,9 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from data_checks.files import sha256_file
 from toolkit.errors import AuditFailed, UserError
+from toolkit.plan.prepare import prepare, resolve_all_data
 from toolkit.recipe import Recipe
 
 DEFAULT_PORT = 29500  # DeepSpeed's and torch's default rendezvous port
@@ -94,7 +96,7 @@ def check_node_rank(recipe: Recipe, node_rank: int | None) -> None:
         raise UserError(f"parallel.nodes={nodes} needs --node-rank N on each host (0 on the master, "
                         f"{recipe.parallel.master_addr}), or a parallel.hostfile to start them all from one")
     if node_rank is not None and not per_node(recipe):
-        raise UserError(f"--node-rank is for one launcher per node, but the recipe "
+        raise UserError("--node-rank is for one launcher per node, but the recipe "
                         + ("starts every node from its hostfile" if recipe.parallel.hostfile else "runs on one node"),
                         "drop --node-rank" + ("" if recipe.parallel.hostfile else ", or set parallel.nodes"))
     if node_rank is not None and not 0 <= node_rank < nodes:
@@ -121,8 +123,6 @@ def differences(mine: dict, theirs: dict) -> list[str]:
 
 def data_problems(data: dict) -> list[str]:
     """How the data this node sees differs from the content node 0 hashed into run.json."""
-    from toolkit.rundir import sha256_file
-
     found = []
     for split, entry in data.items():
         path, expected = Path(entry["path"]), entry["sha256"]
@@ -177,8 +177,6 @@ class NodeGate:
         return self._lead() if self.node_rank == 0 else self._follow()
 
     def _lead(self) -> dict:
-        from toolkit.rundir import prepare
-
         try:
             run = prepare(self.recipe)
         except UserError as err:  # the others must not wait for a run that will not start
@@ -198,8 +196,6 @@ class NodeGate:
         return run
 
     def _follow(self) -> dict:
-        from toolkit.rundir import prepare, resolve_all_data
-
         self._wait(["gate"], "node 0's data audit")
         gate = self._get("gate")
         if "failed" in gate:
@@ -217,7 +213,7 @@ class NodeGate:
         self._set(f"node/{self.node_rank}", {})
         self._wait(["go"], "node 0's go")
         if not self._get("go")["go"]:
-            raise UserError(f"node 0 stopped the run: another node refused to start (see node 0's output)")
+            raise UserError("node 0 stopped the run: another node refused to start (see node 0's output)")
         return run
 
     def _set(self, key: str, value: dict) -> None:

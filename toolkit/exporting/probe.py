@@ -2,7 +2,7 @@
 
 A reload in the exporting process could share state with the model it just saved (cached
 modules, quant states, kernels already chosen), so the reload is checked by a new interpreter:
-``python -m toolkit.probe MODEL_DIR IDS_FILE LOGITS_FILE`` loads the directory exactly as a user
+``python -m toolkit.exporting.probe MODEL_DIR IDS_FILE LOGITS_FILE`` loads the directory exactly as a user
 would and writes the probe logits. Tensors cross the process boundary as safetensors, never pickle.
 """
 
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from toolkit.inference import load
 
 PROBE_ROWS, PROBE_LEN, PROBE_SEED = 2, 32, 1234
 
@@ -48,7 +50,7 @@ def reload_logits(model_dir: Path, ids: torch.Tensor, *, trust_remote_code: bool
     with tempfile.TemporaryDirectory(prefix="dstk-probe-") as exchange:
         ids_file, logits_file = Path(exchange, "ids.safetensors"), Path(exchange, "logits.safetensors")
         save_file({"ids": ids.contiguous()}, ids_file)
-        command = [sys.executable, "-m", "toolkit.probe", str(model_dir), str(ids_file), str(logits_file)]
+        command = [sys.executable, "-m", "toolkit.exporting.probe", str(model_dir), str(ids_file), str(logits_file)]
         if trust_remote_code:
             command.append("--trust-remote-code")
         # The child must import this same toolkit, installed or not.
@@ -67,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("logits_file", type=Path)
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
-    from toolkit.inference import load
-
     loaded = load(args.model_dir, trust_remote_code=args.trust_remote_code)
     logits = probe_logits(loaded.model, load_file(args.ids_file)["ids"])
     save_file({"logits": logits.contiguous()}, args.logits_file)

@@ -2,6 +2,10 @@
 
 A failing audit stops the run (exit 1) with the report's path; unusable data stops it with a
 one-line error (exit 2). ``audit.enforce=false`` skips the gate, and run.json says so.
+
+The mapping from a recipe to the audit's inputs lives here only (``dstk audit RECIPE`` uses it
+too): the data's format and fields, the recipe's ``audit`` policy, and record lengths counted in
+the model's own tokens against ``train.seq_len``.
 """
 
 from __future__ import annotations
@@ -9,20 +13,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_checks import AuditInputError, DataSpec, audit
-
+from toolkit.data.tokenizer import char_tokenizer
 from toolkit.errors import AuditFailed, UserError
+from toolkit.models.loading import ModelRef, load_tokenizer
 from toolkit.recipe import Recipe
-
 
 # findings that mean a data file could not be read as written
 UNREADABLE = ("unreadable_row", "invalid_utf8")
 
 
-def _spec(recipe: Recipe, path: str, split: str) -> DataSpec:
-    d = recipe.data
-    return DataSpec(path=path, split=split, format=d.format, text_field=d.text_field,
-                    prompt_field=d.prompt_field, response_field=d.response_field,
-                    messages_field=d.messages_field)
+def data_fields(recipe: Recipe) -> dict[str, str]:
+    """The recipe's data format and field names, as ``DataSpec`` takes them."""
+    return {name: getattr(recipe.data, name) for name in
+            ("format", "text_field", "prompt_field", "response_field", "messages_field")}
+
+
+def token_counter(recipe: Recipe, source: ModelRef):
+    """Token lengths of a batch of texts with the model's tokenizer, for the overlong-record check."""
+    tokenizer = char_tokenizer() if source.kind == "preset" else load_tokenizer(source.name, recipe.trust_remote_code)
+    return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Path,
@@ -47,8 +56,9 @@ def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Pat
 
     datasets.disable_progress_bars()  # per-file loading bars; the audit shows its own progress
     try:
-        report = audit(train=_spec(recipe, train, "train"),
-                       eval=_spec(recipe, evaluation, "eval") if evaluation else None,
+        fields = data_fields(recipe)
+        report = audit(train=DataSpec(path=train, split="train", **fields),
+                       eval=DataSpec(path=evaluation, split="eval", **fields) if evaluation else None,
                        policy=recipe.audit, manifest=recipe.audit.manifest, report_dir=report_dir,
                        max_tokens=recipe.train.seq_len, count_tokens=count_tokens)
     except AuditInputError as err:

@@ -10,9 +10,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_checks.files import sha256_file
+from toolkit.checkpoints.consolidate import consolidate_newest
 from toolkit.errors import UserError
 from toolkit.models.loading import check_causal_lm, check_weights
-from toolkit.rundir import RunDir, sha256_file
+from toolkit.rundir import RunDir
 
 ADAPTER_FILE = "adapter_config.json"
 
@@ -58,8 +60,6 @@ def resolve(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource
     if RunDir(path).run_json.is_file():
         run_dir, final = path, RunDir(path).final
         if not final.is_dir():  # stopped early or still running: its newest checkpoint, consolidated
-            from toolkit.checkpoint import consolidate_newest
-
             final = consolidate_newest(path)
         path = final
     if (path / ADAPTER_FILE).is_file():

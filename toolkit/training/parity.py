@@ -1,6 +1,6 @@
 """The parity guard behind `dstk verify`: a recipe's parallel layout against one plain rank.
 
-The loss of a step is the token mean over the whole global batch (``toolkit.engine``), so any
+The loss of a step is the token mean over the whole global batch (``toolkit.training.trainer``), so any
 layout must give the per-step losses and gradient norms of a single rank running the same global
 batch with plain data parallelism (ZeRO-0, no pipeline, no tensor slicing, no offload). A layout
 that drifts from it has changed the maths: a broken tie, a gradient averaged twice, a shard lost.
@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.launching.launcher import launch
 from toolkit.recipe import Recipe, with_values
+from toolkit.rundir import RunDir
 
 # Relative differences that count as the same maths: fp32 reductions in another order differ in
 # the last digits; bf16 rounds every matmul, differently per layout.
@@ -97,8 +99,6 @@ def verify(recipe: Recipe, steps: int = 5, tolerance: float | None = None, workd
     Raises:
         UserError: bad recipe, or a side failed to train.
     """
-    from toolkit.launcher import launch
-    from toolkit.rundir import RunDir
 
     tolerance = TOLERANCE[recipe.train.precision] if tolerance is None else tolerance
     reference = reference_of(recipe)

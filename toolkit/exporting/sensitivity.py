@@ -6,14 +6,16 @@ for every quantized layer how much putting its full-precision original back lowe
 then puts layers back, most helpful first, until the budget holds. That costs one eval pass per
 quantized layer, plus one per layer kept. The search runs on a quantized copy of its own: the
 export quantizes afresh with the chosen layers in ``keep_fp`` and saves before that copy has run
-anything (see ``toolkit.quantize`` on why a forward pass must not come first).
+anything (see ``toolkit.exporting.quantize`` on why a forward pass must not come first).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from toolkit import inference
 from toolkit.errors import UserError
+from toolkit.exporting.quantize import quantized_modules
 
 
 @dataclass
@@ -52,8 +54,6 @@ def layers_to_keep(model_dir, quantization_config, source, evaluation, source_lo
     Raises:
         UserError: the budget holds only with every layer in full precision.
     """
-    from toolkit import inference
-    from toolkit.quantize import quantized_modules
 
     records, fields = evaluation
 

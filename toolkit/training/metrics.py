@@ -3,7 +3,7 @@
 Every logged line carries the fields PRODUCT.md names: ``step``, ``loss``, ``lr``, ``tokens``
 (non-padding tokens of the step, all ranks), ``tokens_per_s`` (over the logging window),
 ``elapsed_s``, ``peak_rss_mb`` (largest rank) and ``comm_share`` (the share of the logged step
-spent in communication, mean of the ranks; see ``toolkit.comms``). Eval lines carry ``eval_loss``.
+spent in communication, mean of the ranks; see ``toolkit.training.comms``). Eval lines carry ``eval_loss``.
 """
 
 from __future__ import annotations

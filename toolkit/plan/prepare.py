@@ -1,0 +1,172 @@
+"""Planning a run before any worker starts: from a validated recipe to a prepared run directory.
+
+``prepare`` checks everything it can without writing (output directory state, model, data,
+DeepSpeed config, parallel layout), runs the audit gate, and only then writes ``recipe.yaml``,
+``ds_config.json`` and ``run.json`` (status ``prepared``): so bad input leaves an existing output
+directory untouched. Those three files are all a worker reads (see ``toolkit.launching.worker``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from data_checks.files import sha256_file
+from toolkit.data import builtin
+from toolkit.errors import AuditFailed, UserError
+from toolkit.models.loading import resolve_model
+from toolkit.models.presets import build_preset
+from toolkit.plan import ds_config as ds_config_module
+from toolkit.plan import layout
+from toolkit.plan.gate import run_gate, token_counter
+from toolkit.plan.lineage import git_commit, versions
+from toolkit.recipe import BUILTIN_PREFIX, Recipe
+from toolkit.rundir import RunDir
+
+
+def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
+    """Make ``recipe.output_dir`` ready for workers; return its run.json content.
+
+    Args:
+        audited: the audit entry of node 0 in a multi-node run, for a node that prepares its own
+            (node-local) run directory: its data is then checked by hash, not audited again.
+
+    Raises:
+        UserError: bad recipe values, data or output directory state (exit 2), nothing written.
+        AuditFailed: the data audit failed (exit 1); only ``audit/`` is written.
+    """
+    run_dir = RunDir(Path(recipe.output_dir))
+    existing = _existing_run(run_dir, recipe)
+    if existing is not None:
+        return existing
+    source = resolve_model(recipe.model, recipe.trust_remote_code)
+    model_config = layout.model_config(recipe, source)
+    config = ds_config_module.build(recipe, getattr(model_config, "hidden_size", None))
+    parallel = layout.describe(recipe, model_config)
+    data = resolve_all_data(recipe)
+    audit_entry = audited if audited is not None else _audit(recipe, source, data, run_dir)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    for entry in data.values():
+        if entry["source"].startswith(BUILTIN_PREFIX):  # the run keeps its own copy of generated data
+            run_dir.data.mkdir(exist_ok=True)
+            entry["path"] = shutil.copy(entry["path"], run_dir.data)
+    if source.kind == "preset":
+        model_path = str(build_preset(source.name, run_dir.base_model, recipe.train.seed))
+    else:
+        model_path = source.name
+    run_dir.recipe.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    run_dir.ds_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    run = {
+        "status": "prepared",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe_sha256": recipe.sha256(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "model": {"source": source.kind, "name": source.name, "path": model_path},
+        "trust_remote_code": recipe.trust_remote_code,
+        "lora": recipe.lora.model_dump(mode="json") if recipe.lora.enabled else None,
+        "data": data,
+        "audit": audit_entry,
+        "parallel": {**parallel, "ds_config_template": recipe.parallel.ds_config
+                     or f"ds_configs/{ds_config_module.template_name(recipe)}.json"},
+    }
+    if run_dir.run_json.is_file():  # resumed: the first attempt's evaluation before training stays
+        run.update({key: value for key, value in run_dir.read_run().items() if key == "eval_before"})
+    run_dir.write_run(run)
+    return run
+
+
+def _audit(recipe: Recipe, source, data: dict, run_dir: RunDir) -> dict:
+    with tempfile.TemporaryDirectory(prefix="dstk-audit-") as staging:
+        # The report is written aside and published once the data proved readable (a pass or a
+        # fail), so unreadable input leaves an existing run directory untouched.
+        try:
+            entry = run_gate(recipe, data["train"]["path"], data.get("eval", {}).get("path"),
+                             Path(staging), run_dir.audit, count_tokens=token_counter(recipe, source))
+        except AuditFailed:
+            _publish(Path(staging), run_dir)
+            raise
+        _publish(Path(staging), run_dir)
+    return entry
+
+
+def _publish(report: Path, run_dir: RunDir) -> None:
+    if any(report.iterdir()):  # nothing when the gate is off
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir.audit, ignore_errors=True)
+        shutil.copytree(report, run_dir.audit)
+
+
+def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
+    if not run_dir.root.exists():
+        return None
+    if not run_dir.run_json.is_file():
+        if any(run_dir.root.iterdir()):
+            raise UserError(f"output_dir {run_dir.root} exists and is not a dstk run directory",
+                            "choose another output_dir")
+        return None
+    run = run_dir.read_run()
+    if run.get("recipe_sha256") == recipe.sha256() and run.get("status") == "prepared":
+        return run  # prepared by `dstk train` for these very workers
+    done = run.get("result", {}).get("steps") if run.get("status") == "completed" else None
+    latest = run_dir.checkpoints / "latest"  # `dstk rollback` points it at an earlier step
+    at = int(latest.read_text().strip().removeprefix("step_")) if latest.is_file() else done
+    if recipe.resume == "auto" and (done is None or recipe.train.max_steps > min(done, at)):
+        _check_resumable(run, recipe, run_dir)
+        return None  # re-check data and audit, then continue from the newest checkpoint
+    if done is not None:  # a finished run's record is never rewritten by a run that adds nothing
+        raise UserError(f"output_dir {run_dir.root} holds a completed run of {done} steps (its model: "
+                        f"{run_dir.final})", f"pass output_dir=NEW for a new run, or resume=auto with "
+                        f"train.max_steps above {done} to train it further (or after `dstk rollback`)")
+    raise UserError(f"output_dir {run_dir.root} already holds a run ({run.get('status')})",
+                    "pass resume=auto to continue it, or output_dir=NEW for a new run")
+
+
+# What a DeepSpeed checkpoint is tied to: its model, and the layout its shards were cut for.
+_CHECKPOINT_LAYOUT = ("nproc", "zero_stage", "pipeline_stages", "tensor_parallel")
+
+
+def _check_resumable(run: dict, recipe: Recipe, run_dir: RunDir) -> None:
+    """Refuse to resume checkpoints into another model or parallel layout than wrote them."""
+    if not any(run_dir.checkpoints.glob("step_*")):
+        return
+    model = resolve_model(recipe.model, recipe.trust_remote_code).name
+    if run.get("model", {}).get("name") not in (None, model):
+        raise UserError(f"output_dir {run_dir.root} holds checkpoints of model {run['model']['name']}, "
+                        f"not {model}", f"resume with model={run['model']['name']}, or use a new output_dir")
+    was = run.get("parallel", {})
+    now = {key: getattr(recipe.parallel, key) for key in _CHECKPOINT_LAYOUT}
+    changed = [f"parallel.{key} {was[key]} -> {now[key]}" for key in _CHECKPOINT_LAYOUT if key in was and was[key] != now[key]]
+    if changed:
+        raise UserError(f"output_dir {run_dir.root} holds checkpoints sharded for another layout ({', '.join(changed)})",
+                        f"resume with the layout that wrote them, or start a new run from its model "
+                        f"(model={run_dir.final})")
+
+
+def resolve_all_data(recipe: Recipe) -> dict:
+    """Each data split's source, local path and sha256 (generated data is generated first)."""
+    return {split: _resolve_data(recipe, split)
+            for split in ("train", "eval") if getattr(recipe.data, split) is not None}
+
+
+def _resolve_data(recipe: Recipe, split: str) -> dict:
+    location = getattr(recipe.data, split)
+    if location.startswith(BUILTIN_PREFIX):
+        path = builtin.materialize(location, split)
+        return {"source": location, "path": path, "sha256": sha256_file(Path(path))}
+    path = Path(location)
+    if path.is_file():
+        return {"source": location, "path": str(path.resolve()), "sha256": sha256_file(path)}
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return {"source": location, "path": str(path.resolve()),
+                "sha256": {str(p.relative_to(path)): sha256_file(p) for p in files}}
+    if path.suffix or location.startswith((".", "/", "~")):
+        raise UserError(f"data.{split} file {location} does not exist",
+                        f"check the path, or use {BUILTIN_PREFIX}reverse for the built-in task")
+    return {"source": location, "path": location, "sha256": None}  # a hub id, hashed by its revision
