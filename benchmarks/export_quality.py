@@ -107,7 +107,7 @@ def train_default(folder: Path, steps: int, data_dir: Path) -> Path:
 def print_quality(source: Path, rows) -> None:
     print(f"\nexport quality of {source}")
     header = f"{'quant':10}{'disk':>8}{'memory':>8}{'q-layers':>10}{'whole':>8}{'loss':>9}{'loss after':>11}{'rise':>8}"
-    header += f"{'EM':>7}{'EM after':>9}{'vs src':>8}{'reload':>9}{'time s':>8}"
+    header += f"{'AM':>7}{'AM after':>9}{'vs src':>8}{'reload':>9}{'time s':>8}"
     print(header + "\n" + "-" * len(header))
     for name, result in rows:
         r = result.report
@@ -135,8 +135,8 @@ def print_unseen(source: Path, rows, unseen: list[dict], fields: DataConfig) -> 
     """Each export's loss rise on eval records the loss budget's search did not see."""
     if not unseen:
         return
-    base = inference.evaluate(source, unseen, fields=fields, exact_match=False).loss
-    rises = ", ".join(f"{name} {inference.evaluate(r.out_dir, unseen, fields=fields, exact_match=False).loss / base - 1:+.2%}"
+    base = inference.evaluate(source, unseen, fields=fields, answer_match=False).loss
+    rises = ", ".join(f"{name} {inference.evaluate(r.out_dir, unseen, fields=fields, answer_match=False).loss / base - 1:+.2%}"
                       for name, r in rows)
     print(f"loss rise on {len(unseen)} other eval records (not seen by the budget's search): {rises}")
 
@@ -162,7 +162,7 @@ def print_speed(source: Path, exports, prompts: list[str], new_tokens: int) -> N
 
 
 def _em(result: dict) -> str:
-    return "-" if result["exact_match"] is None else f"{result['exact_match']:.3f}"
+    return "-" if result["answer_match"] is None else f"{result['answer_match']:.3f}"
 
 
 def _verdict(ok: bool) -> str:

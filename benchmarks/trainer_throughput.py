@@ -174,7 +174,7 @@ def eval_loss(model: Path, rows: list[dict], fields: dict, seq_len: int) -> floa
     from toolkit.inference import evaluate
     from toolkit.recipe import DataConfig
 
-    return evaluate(model, rows, fields=DataConfig(**fields), max_length=seq_len, exact_match=False).loss
+    return evaluate(model, rows, fields=DataConfig(**fields), max_length=seq_len, answer_match=False).loss
 
 
 def compare(name: str, work: Path, rows: list[dict], held_out: list[dict], fields: dict, packing: bool,

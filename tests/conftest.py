@@ -14,13 +14,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+RANK_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: this process's, without the rank variables that a one-rank
+    world set up inside pytest leaves (a child would think a launcher started it), and with the
+    checkout's code first on the path."""
+    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return {**env, **extra}
 
 
 def run_dstk(*args: object, cwd: Path = ROOT, timeout: float = 600, env: dict | None = None,
              ) -> subprocess.CompletedProcess:
     """``dstk ARGS`` in a fresh process (this Python, the checkout's code), output captured."""
-    environ = dict(os.environ if env is None else env)
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+    environ = user_env(**(env or {}))
     return subprocess.run([sys.executable, "-m", "toolkit.cli", *map(str, args)], cwd=cwd, env=environ,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -23,11 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, user_env
 from toolkit.launching.launcher import free_port, remove_shm_buffers
 
 RESULTS_ENV = "DSTK_TEST_RESULTS"
-_RANK_VARIABLES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def run_deepspeed(script: str | Path, *args: object, nproc: int = 2, timeout: float = 300,
@@ -49,14 +48,8 @@ def run_deepspeed(script: str | Path, *args: object, nproc: int = 2, timeout: fl
             the tail of the launch's output.
     """
     with tempfile.TemporaryDirectory(prefix="dstk-ranks-") as results:
-        # a one-rank world set up inside pytest must not leak its rank variables into the launch
-        environ = {key: value for key, value in os.environ.items() if key not in _RANK_VARIABLES}
-        environ.update({
-            "OMP_NUM_THREADS": "1",  # ranks share few cores; more threads only contend
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            RESULTS_ENV: results,
-            **(env or {}),
-        })
+        # ranks share few cores; more threads only contend
+        environ = user_env(OMP_NUM_THREADS="1", **{RESULTS_ENV: results}, **(env or {}))
         port = free_port()
         command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc),
                    "--master_port", str(port), str(script), *map(str, args)]

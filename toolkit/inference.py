@@ -1,4 +1,4 @@
-"""Generate text and evaluate loss, perplexity and exact match with a causal LM directory.
+"""Generate text and evaluate loss, perplexity and answer match with a causal LM directory.
 
 Works the same on full-precision and bitsandbytes-quantized (nf4, fp4, int8) model directories:
 transformers reads the quantization from ``config.json``. Batched generation pads on the left so
@@ -69,10 +69,11 @@ class EvalResult:
         perplexity: ``exp(loss)``.
         tokens: number of scored tokens.
         examples: number of records evaluated.
-        exact_match: fraction of instruction records whose greedy answer equals the response
-            (the text after the last ``####`` when the response has one, as in GSM8K); ``None``
-            for other formats or when exact match was not asked for.
-        answered: number of records that exact match was computed on.
+        answer_match: fraction of instruction records whose generated (greedy) answer equals the
+            response's: the text after the last ``####`` when there is one, as in GSM8K, else the
+            whole response; ``None`` for other formats or when it was not asked for. (Training's
+            ``response_match`` compares every response token under teacher forcing instead.)
+        answered: number of records that answer match was computed on.
         seconds: wall time.
     """
 
@@ -80,7 +81,7 @@ class EvalResult:
     perplexity: float
     tokens: int
     examples: int
-    exact_match: float | None
+    answer_match: float | None
     answered: int
     seconds: float
 
@@ -194,10 +195,10 @@ def evaluate(
     batch_size: int = 8,
     max_length: int | None = None,
     limit: int | None = None,
-    exact_match: bool = True,
+    answer_match: bool = True,
     trust_remote_code: bool = False,
 ) -> EvalResult:
-    """Loss and perplexity over an eval set, and greedy exact match for instruction records.
+    """Loss and perplexity over an eval set, and greedy answer match for instruction records.
 
     Records are encoded exactly as training encodes them (:func:`toolkit.data.encode`): text on
     every token, instruction on the response, chat on the assistant turns, each ending in EOS.
@@ -210,7 +211,7 @@ def evaluate(
         batch_size: records per forward pass.
         max_length: tokens kept per record (default: the model's context length).
         limit: evaluate only the first ``limit`` records.
-        exact_match: also generate an answer for each instruction record and compare.
+        answer_match: also generate an answer for each instruction record and compare.
         trust_remote_code: see :func:`load`.
 
     Raises:
@@ -229,10 +230,10 @@ def evaluate(
         nll, tokens = nll + batch_nll, tokens + batch_tokens
     if tokens == 0:
         raise UserError("the eval set has no tokens to score", "give records with text, or non-empty responses")
-    answered = records if exact_match and fields.format == "instruction" else []
-    em = _exact_match(loaded, answered, fields, batch_size) if answered else None
+    answered = records if answer_match and fields.format == "instruction" else []
+    matched = _answer_match(loaded, answered, fields, batch_size) if answered else None
     loss = nll / tokens
-    return EvalResult(loss, math.exp(loss), tokens, len(records), em, len(answered), time.perf_counter() - start)
+    return EvalResult(loss, math.exp(loss), tokens, len(records), matched, len(answered), time.perf_counter() - start)
 
 
 def infer_fields(records: Sequence[dict], fields: DataConfig | None = None) -> DataConfig:
@@ -290,7 +291,7 @@ def _encode(records: Sequence[dict], tokenizer, fields: DataConfig, max_length: 
     return EncodedSet(ids, labels)
 
 
-def _exact_match(loaded: LoadedModel, records: Sequence[dict], fields: DataConfig, batch_size: int) -> float:
+def _answer_match(loaded: LoadedModel, records: Sequence[dict], fields: DataConfig, batch_size: int) -> float:
     tokenizer = loaded.tokenizer
     references = [record[fields.response_field] for record in records]
     # One token more than the longest reference: room for the EOS that ends a complete answer.
@@ -304,7 +305,7 @@ def _exact_match(loaded: LoadedModel, records: Sequence[dict], fields: DataConfi
 
 
 def _final_answer(text: str) -> str:
-    """The part of an answer compared by exact match: after the last ``####`` if any, whitespace-normalized."""
+    """The part of an answer compared by answer match: after the last ``####`` if any, whitespace-normalized."""
     return re.sub(r"\s+", " ", text.rsplit("####", 1)[-1]).strip()
 
 

@@ -6,7 +6,7 @@ import ast
 import json
 from pathlib import Path
 
-from tests.conftest import ROOT, run_dstk
+from tests.conftest import ROOT, run_dstk, user_env
 from toolkit.plan.prepare import prepare
 from toolkit.recipe import load_recipe
 
@@ -35,7 +35,7 @@ def test_files_are_audited_where_torch_cannot_be_imported(tmp_path):
     (tmp_path / "torch" / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
     (tmp_path / "train.jsonl").write_text(_rows(300, 1000))
     (tmp_path / "eval.jsonl").write_text(_rows(10, 1000))  # every eval record leaked into train
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = user_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}")  # the torch that cannot be imported first
     proc = run_dstk("audit", "--train", tmp_path / "train.jsonl", "--eval", tmp_path / "eval.jsonl",
                     "--report", tmp_path / "out", cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode == 1, proc.stderr[-2000:]  # the leak fails the audit
@@ -48,8 +48,8 @@ def test_files_are_audited_where_torch_cannot_be_imported(tmp_path):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "pass", run.stderr[-2000:]
 
 

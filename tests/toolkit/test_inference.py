@@ -68,7 +68,7 @@ def test_text_records_are_scored_on_every_token_and_eos_like_transformers(models
 
     assert result.loss == pytest.approx(expected, rel=1e-5)
     assert result.tokens == ids.shape[1] - 1
-    assert result.exact_match is None
+    assert result.answer_match is None
 
 
 def test_instruction_records_are_scored_on_response_tokens_only(models):
@@ -79,7 +79,7 @@ def test_instruction_records_are_scored_on_response_tokens_only(models):
     labels = torch.tensor([[-100] * len(prompt) + response])
     expected = loaded.model(input_ids=ids, labels=labels).loss.item()
 
-    result = evaluate(loaded, [{"prompt": "question: ", "response": "answer"}], exact_match=False)
+    result = evaluate(loaded, [{"prompt": "question: ", "response": "answer"}], answer_match=False)
 
     assert result.loss == pytest.approx(expected, rel=1e-5)
     assert result.tokens == len(response)
@@ -87,13 +87,13 @@ def test_instruction_records_are_scored_on_response_tokens_only(models):
 
 def test_loss_does_not_depend_on_batching(models):
     rows = [{"text": "a b c"}, {"text": "a much longer line of text than the first"}, {"text": "xyz"}]
-    one = evaluate(models["gpt2"], rows, batch_size=1, exact_match=False)
-    three = evaluate(models["gpt2"], rows, batch_size=3, exact_match=False)
+    one = evaluate(models["gpt2"], rows, batch_size=1, answer_match=False)
+    three = evaluate(models["gpt2"], rows, batch_size=3, answer_match=False)
     assert three.loss == pytest.approx(one.loss, rel=1e-5)
     assert three.tokens == one.tokens
 
 
-def test_exact_match_counts_answers_the_model_gives_and_stops_after(models, monkeypatch):
+def test_answer_match_counts_answers_the_model_gives_and_stops_after(models, monkeypatch):
     loaded = models["llama"]
     greedy = generate(loaded, "the quick", max_new_tokens=12).token_ids[0]
     # Make the token the model emits after its first few tokens its EOS, so that it "answers" and stops.
@@ -109,7 +109,7 @@ def test_exact_match_counts_answers_the_model_gives_and_stops_after(models, monk
     result = evaluate(loaded, rows)
 
     assert result.answered == 3
-    assert result.exact_match == pytest.approx(2 / 3)
+    assert result.answer_match == pytest.approx(2 / 3)
 
 
 def test_quantized_directory_scores_close_to_its_source(models):
@@ -120,13 +120,13 @@ def test_quantized_directory_scores_close_to_its_source(models):
     assert quantized.loss != full.loss
 
 
-def test_chat_records_are_scored_on_assistant_turns_without_exact_match(models):
+def test_chat_records_are_scored_on_assistant_turns_without_answer_match(models):
     def chat(user):
         return [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "hello"}]}]
 
     short, long = evaluate(models["llama"], chat("hi")), evaluate(models["llama"], chat("a much longer question"))
     assert short.tokens == long.tokens >= len("hello")  # the user turn is context, not scored
-    assert short.exact_match is None
+    assert short.answer_match is None
 
 
 def test_eval_format_is_told_by_the_first_record_or_refused(models):

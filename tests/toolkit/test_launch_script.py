@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, user_env
 from toolkit.training.shm_collectives import usable_cores
 
 
@@ -45,7 +45,7 @@ def test_a_plain_script_trains_on_one_rank_whatever_the_recipe_says(tmp_path):
               f"'data.eval_limit=8', 'output_dir={tmp_path / 'run'}'])\n"
               "print('steps', result.steps, len(result.losses))\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env=user_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "steps 3 3" in proc.stdout and "training on one rank in this process (parallel.nproc 2 -> 1)" in proc.stderr
     run = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -16,10 +16,9 @@ SECRET = "hf_Zq8v3LmP0xR7tN2wK5yB9cD4fG6hJ1sA"
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    import os
 
     out = tmp_path_factory.mktemp("default") / "run"
-    proc = dstk("train", f"output_dir={out}", env={**os.environ, "HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET})
+    proc = dstk("train", f"output_dir={out}", env={"HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
 
@@ -27,10 +26,10 @@ def default_run(tmp_path_factory):
 def test_default_run_learns_the_task(default_run):
     out, proc = default_run
     result = json.loads((out / "run.json").read_text())["result"]
-    before, after = result["eval_before"]["accuracy"], result["eval_after"]["accuracy"]
+    before, after = result["eval_before"]["response_match"], result["eval_after"]["response_match"]
     assert before < 0.05 and after > 0.6, (before, after)
     assert result["eval_after"]["loss"] < 0.5 * result["eval_before"]["loss"]
-    assert "exact match" in proc.stdout
+    assert "response match" in proc.stdout
 
 
 def test_default_run_writes_the_run_directory(default_run):
@@ -62,14 +61,14 @@ def test_the_run_report_says_what_the_run_directory_says(default_run):
     comm = [line["comm_share"] for line in lines if "comm_share" in line]
     after = run["result"]["eval_after"]
     assert f"| loss | {losses[0]:.4f} -> {losses[-1]:.4f} |" in report
-    assert f"-> {after['accuracy']:.1%} ({after['records']} held-out records)" in report
+    assert f"-> {after['response_match']:.1%} ({after['records']} held-out records)" in report
     assert f"| communication | {sum(comm) / len(comm):.0%} of step time" in report
     routed = run["result"]["shm_collectives"]  # the default's 2 ranks, each with a core of its own
     assert routed == (usable_cores() >= 2) and ("collectives through shared memory" in report) == routed
     assert f"| audit | {run['audit']['verdict']}" in report and "](report.png)" in report
     picture = (out / "report.png").read_bytes()
     assert picture.startswith(b"\x89PNG\r\n\x1a\n") and len(picture) > 10_000  # three drawn panels, not a blank
-    assert f"report        {out / 'report.md'}" in proc.stdout
+    assert f"report         {out / 'report.md'}" in proc.stdout
 
 
 def test_lineage_names_data_audit_and_versions(default_run):
@@ -113,7 +112,7 @@ def test_a_resumed_run_keeps_its_first_evaluation(default_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "run.json").read_text())["result"]
     assert result["steps"] == 304 and result["eval_before"] == first
-    assert "exact match" in proc.stdout and "-> " in (out / "report.md").read_text()
+    assert "response match" in proc.stdout and "-> " in (out / "report.md").read_text()
 
 
 def _snapshot(folder: Path) -> dict:

@@ -1,4 +1,4 @@
-"""`dstk eval MODEL --data F`: loss, perplexity and exact match of a full or quantized model."""
+"""`dstk eval MODEL --data F`: loss, perplexity and answer match of a full or quantized model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="loss, perplexity and exact match of a model on a data set",
+        help="loss, perplexity and answer match of a model on a data set",
         description="Score a full-precision or bitsandbytes-quantized model directory on an eval set, "
         "encoded as training encodes it (text / instruction / chat).",
     )
@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
     parser.add_argument("--max-length", type=int, help="tokens kept per record (default: the model's context)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
-    parser.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip generating answers")
+    parser.add_argument("--no-answer-match", dest="answer_match", action="store_false",
+                        help="skip generating an answer per instruction record (the slow part)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--trust-remote-code", action="store_true", help="run model code shipped in MODEL")
     parser.set_defaults(run=run)
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         limit=args.limit,
-        exact_match=args.exact_match,
+        answer_match=args.answer_match,
     )
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -63,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"eval {args.model} on {args.data}: {result.examples} records, {result.tokens} scored tokens, {result.seconds:.1f} s")
     print(f"  loss        {result.loss:.4f}")
     print(f"  perplexity  {result.perplexity:.3f}")
-    if result.exact_match is not None:
-        print(f"  exact match {result.exact_match:.3f} ({result.answered} answered)")
+    if result.answer_match is not None:
+        print(f"  answer match {result.answer_match:.3f} ({result.answered} answered)")
     return 0

@@ -1,7 +1,7 @@
 """Built-in data sets the project generates, so the default run needs nothing from outside.
 
 `reverse`: "reverse 48213 =" -> " 31284". A tiny model learns it within a few hundred steps on
-two CPU cores, and exact-match accuracy on the held-out split shows it: near 0 before, high after.
+two CPU cores, and the response match on the held-out split shows it: near 0 before, high after.
 """
 
 from __future__ import annotations

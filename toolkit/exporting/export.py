@@ -63,8 +63,8 @@ class ExportResult:
             before, after = quality["before"], quality["after"]
             lines.append(_row("eval loss", before["loss"], after["loss"], "{:.4f}".format))
             lines.append(_row("perplexity", before["perplexity"], after["perplexity"], "{:.3f}".format))
-            if before["exact_match"] is not None:
-                lines.append(_row("exact match", before["exact_match"], after["exact_match"], "{:.3f}".format))
+            if before["answer_match"] is not None:
+                lines.append(_row("answer match", before["answer_match"], after["answer_match"], "{:.3f}".format))
         weights = check["weights"]
         lines += [
             f"  probe logits: reload vs in-memory {check['reload_vs_memory']:.2e} (limit {check['tolerance']:.0e}),"

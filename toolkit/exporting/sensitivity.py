@@ -58,7 +58,7 @@ def layers_to_keep(model_dir, quantization_config, source, evaluation, source_lo
     records, fields = evaluation
 
     def loss(loaded) -> float:
-        return inference.evaluate(loaded, records, fields=fields, exact_match=False).loss
+        return inference.evaluate(loaded, records, fields=fields, answer_match=False).loss
 
     trial = inference.load(model_dir, quantization_config=quantization_config, trust_remote_code=trust_remote_code)
     search = KeepSearch(budget, source_loss, loss(trial))

@@ -5,8 +5,7 @@ records' real tokens, ``(1, N)``: embeddings, norms, projections, MLPs and the L
 of the compute, run on those N tokens and no padding. Attention alone needs rows, so this
 implementation gathers queries, keys and values into the plan's rows of ``seq_len`` slots (empty
 slots read zeros), runs the model family's own attention there under the block-diagonal mask, and
-gathers the outputs back. Rows end in padding (GSM8K: 1.18 slots per real token); measured on a
-compiled 70M LLaMA step over 6 rows of 256, one core, bf16: 1.69 s in rows, 1.43 s flat.
+gathers the outputs back; rows end in padding, which only attention now computes.
 
 Without a plan (evaluation, generation, any padded batch) the model attends as before: its own
 eager attention on a CPU, where it compiles into faster code than sdpa's kernel, sdpa elsewhere.

@@ -84,16 +84,15 @@ def build(recipe: Recipe, hidden_size: int | None = None) -> dict[str, Any]:
 
     ``hidden_size`` (the model's) sizes ZeRO-3's buckets as transformers' and accelerate's
     ``"auto"`` do: ``hidden_size²`` elements, here at least 2**20 (also when it is unknown).
-    ZeRO-3 keeps its reduce bucket allocated for the whole run, so a fixed 5e7-element bucket was
-    191 MiB of fp32 per rank on a 100M-parameter model; the floor keeps tiny models from paying a
+    ZeRO-3 keeps its reduce bucket allocated for the whole run, so a fixed 5e7-element bucket costs
+    every rank 191 MiB of fp32 whatever the model; the floor keeps tiny models from paying a
     collective per few thousand gradients.
 
     ZeRO-3 steps its optimizer one sub-group of the rank's partition at a time, and in bf16 or fp16
     makes an fp32 copy of that sub-group's gradients to step it: DeepSpeed's default of 1e9 elements
     is the whole partition wherever a rank holds fewer than 1e9 parameters: 4 bytes a parameter
     on top of the model states at every step. :data:`ZERO3_SUB_GROUP` elements bound that copy to
-    64 MiB. Measured on a 100M-parameter LLaMA in bf16, 2 ranks, 4 steps, alternating runs: peak
-    2,245 / 2,288 -> 1,990 / 2,051 MiB per rank, tokens/s the same (159-170 vs 153-168).
+    64 MiB (the README's Parallel layouts gives the peak it saved).
 
     Raises:
         UserError: the template is unreadable, has unknown keys, or contradicts the recipe.
@@ -146,8 +145,7 @@ def _prefer_torch_adam_on_cpu(config: dict[str, Any], offload: str) -> None:
 
     torch's fused CPU kernel (``fused``) updates in one pass. Its default loop form makes
     temporaries as large as what it updates, and ZeRO hands it one flat fp32 tensor per group, the
-    rank's whole partition: measured on a 100M-parameter model, 2 ranks, the fused form lowered
-    the ZeRO-3 peak from 2,983 to 2,515 MiB and ZeRO-2's from 2,488 to 2,248.
+    rank's whole partition.
     """
     import torch
 

@@ -3,19 +3,15 @@
 glibc's malloc serves large blocks (from 128 KiB, a bound it raises as blocks are freed) with
 ``mmap`` and hands them back to the kernel on ``free``, and trims the top of its heap likewise. A
 training step frees and reallocates the same large tensors every step (activations, gradients,
-DeepSpeed's buffers), so every step faults them back in page by page. In a virtual machine a page
-fault costs microseconds: on this project's 2-core VM, writing a freshly allocated 140 MB tensor
-took 82 ms against 7 ms for one already mapped, and a ZeRO-2 bf16 step of a 70M LLaMA on 2 ranks
-took 301,000 minor faults per rank (1.2 GB of pages).
+DeepSpeed's buffers), so every step faults them back in page by page, and in a virtual machine a
+page fault costs microseconds.
 
 Serving blocks up to 32 MiB (glibc's own ceiling for that bound) from the heap, and trimming the
-heap only past 1 GiB, keeps their pages mapped for reuse: 114,000 faults per step on that run.
-Measured there in interleaved runs, 12 steps of ZeRO-2 bf16 on 2 ranks: 981 -> 1,119 real tokens/s
-uncompiled, 1,266 -> 1,319 with ``train.compile``; peak RSS per rank 2,465 -> 2,617 and 2,278 ->
-2,402 MiB, the price of a heap that keeps its high-water mark. Serving every block below 1 GiB from
-the heap left 34,000 faults but fragmented it: 760 MiB more peak with ``train.compile``, for no
-measurable speed. On a GPU the large buffers live in the device's caching allocator, so this is
-applied only without one; elsewhere than glibc (musl, macOS) it does nothing.
+heap only past 1 GiB, keeps their pages mapped for reuse, for a higher peak: a heap keeps its
+high-water mark. A larger bound (every block below 1 GiB) fragmented the heap for no speed. The
+figures are in the README (Packing and throughput). On a GPU the large buffers live in the device's
+caching allocator, so this is applied only without one; elsewhere than glibc (musl, macOS) it does
+nothing.
 
 Blocks past that bound still come and go with ``mmap``; the largest a step allocates afresh are
 DeepSpeed's ZeRO gradient buffers, which :func:`keep_zero_buffers` hands back to it step after step.
@@ -55,14 +51,9 @@ def keep_zero_buffers(optimizer) -> bool:
     partition afresh at every step and frees them after it: blocks past glibc's 32 MiB heap bound,
     which come from ``mmap`` and fault in page by page every step. The bucket's contents are
     overwritten before they are read, and the partition is zeroed here, as a fresh one would be.
-    Measured on this project's VM, one core: 120 ms for a 100 MB bucket and a 140 MB partition
-    allocated and written afresh, 25 ms kept. On the throughput benchmark's 70M LLaMA (ZeRO-2 bf16,
-    2 ranks, compiled, alternating runs) backward went from 2.14-2.20 to 1.85-1.95 s a step on
-    fixed-length data, real tokens/s 1,263-1,289 -> 1,382-1,400, and 1,193-1,225 -> 1,317-1,341 on
-    packed GSM8K; peak resident memory stayed within its run-to-run spread (2,414 -> 2,438 MiB).
-    In fp32 DeepSpeed keeps no such partition, and the kept bucket alone (5e7 fp32 elements) raised
-    ZeRO-2's peak on the memory benchmark from 2,234 to 2,590 MiB: those runs, like other
-    optimizers (ZeRO-3, DeepSpeed's bf16 optimizer, other versions), are left as they are.
+    In fp32 DeepSpeed keeps no such partition, and keeping the bucket alone (5e7 fp32 elements)
+    raised the peak more than it saved: those runs, like other optimizers (ZeRO-3, DeepSpeed's bf16
+    optimizer, other versions), are left as they are.
     """
     setup, build, compact = (getattr(optimizer, name, None) for name in (
         "setup_buckets", "_build_compact_grad_partition_buffer", "_use_compact_grad_partition_buffer"))

@@ -113,7 +113,7 @@ class MetricsLogger:
                     if key != "step" and isinstance(value, (int, float)):
                         self.tensorboard.add_scalar(key, value, line["step"])
             if self.progress is not None:
-                shown = {k: line[k] for k in ("loss", "eval_loss", "eval_accuracy") if k in line}
+                shown = {k: line[k] for k in ("loss", "eval_loss", "eval_response_match") if k in line}
                 self.progress.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
         return line
 
@@ -133,7 +133,7 @@ class MetricsLogger:
         return self._write({"step": step, "event": event, **details})
 
     def log_eval(self, step: int, result) -> dict:
-        return self._write({"step": step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
+        return self._write({"step": step, "eval_loss": result.loss, "eval_response_match": result.response_match,
                             "eval_records": result.records})
 
     def open_progress(self, start: int, total: int) -> None:

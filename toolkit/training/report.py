@@ -41,6 +41,12 @@ def _by_rank(mib: list[float]) -> str:
     return ", ".join(f"{mb:,.0f}" for mb in mib)
 
 
+def _held_out(score: dict) -> str:
+    truncated = score.get("truncated", 0)
+    return f"{score['records']} held-out records" + (
+        f"; {truncated} more have no response within train.seq_len" if truncated else "")
+
+
 def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
     """The report's (label, value) rows: the same on the console and in report.md."""
     found: list[tuple[str, str]] = []
@@ -55,8 +61,8 @@ def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
     before, after = result.get("eval_before"), result.get("eval_after")
     if before and after:
         found += [("eval loss", f"{before['loss']:.4f} -> {after['loss']:.4f}"),
-                  ("exact match", f"{before['accuracy']:.1%} -> {after['accuracy']:.1%} "
-                                  f"({after['records']} held-out records)")]
+                  ("response match", f"{before['response_match']:.1%} -> {after['response_match']:.1%} "
+                                     f"({_held_out(after)})")]
     speed = [line["tokens_per_s"] for line in lines if "tokens_per_s" in line]
     if speed:
         found.append(("tokens/s", f"{_mean(speed):.0f} (mean of logged windows)"))
@@ -124,7 +130,7 @@ def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout, node_rank:
     run = run_dir.read_run()
     print(f"\ndstk train: {_heading(run)}", file=out)
     for label, value in rows(run, _metrics(run_dir)):
-        print(f"  {label:<13} {value}", file=out)
+        print(f"  {label:<14} {value}", file=out)
     for label, path in (("report", run_dir.report), ("model", run_dir.final), ("metrics", run_dir.metrics),
                         ("checkpoints", run_dir.checkpoints), ("lineage", run_dir.run_json)):
-        print(f"  {label:<13} {path}", file=out)
+        print(f"  {label:<14} {path}", file=out)

@@ -4,10 +4,8 @@ Without an accelerator DeepSpeed communicates over gloo, which moves every colle
 loopback TCP. Its ``deepspeed_shm_comm`` op, which DeepSpeed builds and initialises on every CPU
 run, reduces through a shared-memory segment instead, but DeepSpeed uses it only for inference's
 tensor-parallel ``inference_all_reduce``; ZeRO's gradient reduction and its gather of the updated
-parameters still go through gloo. Measured on this project's 2-core VM, 2 ranks: a 35M-element
-bf16 all-reduce took 60 ms over gloo and 20 ms through shared memory; gathering 2 x 35M bf16
-elements took 241 ms with gloo's all-gather and 51 ms as a shared-memory sum into a zeroed buffer.
-At ZeRO-2 on a 70M LLaMA those two are ~10% of a step.
+parameters still go through gloo, several times slower for the same sums and gathers (the figures
+are in the README, Packing and throughput).
 
 So dstk routes DeepSpeed's blocking ``all_reduce`` (sum) and ``all_gather_into_tensor`` of
 floating-point tensors over all ranks through that op, and leaves every other call on gloo:
@@ -21,8 +19,8 @@ spinning: with more ranks than cores a spinning rank would take the core a peer 
 Whether to route is decided from facts every rank shares, so all ranks take the same path for each
 collective. ZeRO-3 is left on gloo: it reduces its gradients with reduce-scatters and gathers its
 parameters asynchronously, so the routing would save it little, while touching the peers' 66 MiB
-exchange buffers adds them to every rank's resident memory (measured: 70-130 MiB more peak per rank
-on a 100M model), and ZeRO-3 is the stage chosen to save memory.
+exchange buffers adds them to every rank's resident memory, and ZeRO-3 is the stage chosen to
+save memory.
 """
 
 from __future__ import annotations

@@ -34,10 +34,16 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 @dataclass
-class EvalResult:
-    loss: float
-    accuracy: float  # exact match: every target token (response and EOS) predicted greedily
-    records: int
+class EvalScore:
+    """A held-out set scored during training, all ranks together."""
+
+    loss: float  # the token mean of the next-token loss
+    # the share of records whose whole response (and EOS) is the greedy prediction at every target
+    # position: what greedy decoding would reproduce exactly (not only a final answer, as ``dstk eval``
+    # compares)
+    response_match: float
+    records: int  # records with at least one target token left after truncation to seq_len
+    truncated: int = 0  # records whose every target token was truncated away: not scored
 
 
 # The model inputs' sizes that vary between packed micro-batches: tokens and rows (see
@@ -77,9 +83,7 @@ class Trainer:
         self._own_norm = None
         self._norm_wanted = True  # fit() asks for it on the steps it logs only
         # with a compiled model the loss compiles too: fused, the logits' fp32 copy, log-softmax and
-        # their gradient take a pass or two over the logits instead of several (measured on the
-        # throughput benchmark's 70M model, alternating runs: 1,263-1,325 -> 1,325-1,363 real
-        # tokens/s on fixed-length data, 1,127 -> 1,169 on packed GSM8K)
+        # their gradient take a pass or two over the logits instead of several
         self._loss_sum = torch.compile(cross_entropy_sum) if engine.is_compiled else cross_entropy_sum
         # packed: the LM head and the loss on target positions only (a prompt's tokens predict
         # nothing), where the model takes transformers' logits_to_keep
@@ -158,14 +162,14 @@ class Trainer:
 
     @torch.no_grad()
     @torch.compiler.set_stance("force_eager")
-    def evaluate(self) -> EvalResult:
-        """Token-mean loss and exact-match accuracy over the whole eval set, all ranks together.
+    def evaluate(self) -> EvalScore:
+        """Token-mean loss and response match over the whole eval set, all ranks together.
 
         A compiled model runs uncompiled here: every eval shape and the no-grad mode would each cost
         a compilation, for a pass that runs a few times per run.
         """
         self.engine.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, target tokens, correct records, records
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, target tokens, correct records, scored, all records
         mbs = self.batches.mbs
         for indices in eval_shards(len(self.evalset), mbs, self.batches.dp, self.batches.rank):
             real = torch.from_numpy(indices >= 0)
@@ -180,10 +184,10 @@ class Trainer:
             has_target = mask.any(dim=1)
             correct = ((hit | ~mask).all(dim=1) & has_target).sum()
             sums += torch.tensor([loss.item(), mask.sum().item(), correct.item(),
-                                  has_target.sum().item()], dtype=torch.float64)
+                                  has_target.sum().item(), real.sum().item()], dtype=torch.float64)
         dist.all_reduce(sums)
-        loss_sum, tokens, correct, records = (sums / self.replicas).tolist()
-        return EvalResult(loss_sum / max(tokens, 1), correct / max(records, 1), int(records))
+        loss_sum, tokens, correct, records, held_out = (sums / self.replicas).tolist()
+        return EvalScore(loss_sum / max(tokens, 1), correct / max(records, 1), int(records), int(held_out - records))
 
     def fit(self, start: int, train, save, rollback) -> list[dict]:
         """Train from step ``start`` to ``train.max_steps`` (a recipe's ``train`` section).
