@@ -14,7 +14,7 @@ from pathlib import Path
 from data_checks import contamination, duplicates, pii, poisoning, quality
 from data_checks.duplicates import MinHasher
 from data_checks.errors import AuditInputError
-from data_checks.files import sha256_file
+from data_checks.files import json_lines, line_numbers, sha256_file
 from data_checks.manifest import check_manifest, load_manifest
 from data_checks.policy import AuditPolicy, DataSpec, Role
 from data_checks.report import AuditReport, Finding
@@ -85,6 +85,7 @@ def audit(
             redacted[scan.source.name] = str(path)
     found += _pii_findings(scans, policy, redacted)
     report = AuditReport(found, policy.fail_on, [_input(s, hashes) for s in sources], redacted)
+    report.lines = _lines(sources, report.shown_records())
     if report_dir is not None:
         report.write(report_dir)
     return report
@@ -197,6 +198,12 @@ def _input(source: Source, hashes: dict[Path, str]) -> dict:
     return {"split": source.name, "role": source.role, "path": source.spec.path, "format": source.format,
             "records": len(source), "rows": source.total_rows,
             "files": [{"path": str(f), "sha256": hashes[f.resolve()]} for f in source.files]}
+
+
+def _lines(sources: list[Source], shown: dict[str, set[int]]) -> dict[str, dict[int, int]]:
+    """The file lines of the records report.md names, in sets read from one JSON-lines file."""
+    return {source.name: line_numbers(source.files[0], shown[source.name]) for source in sources
+            if source.name in shown and len(source.files) == 1 and json_lines(source.files[0])}
 
 
 def _starts(sizes: list[int]) -> list[int]:

@@ -87,9 +87,9 @@ def _run(args: argparse.Namespace) -> int:
 def audit_and_report(args: argparse.Namespace, train, eval_, policy, max_tokens, count_tokens) -> int:
     """Audit ``train`` / ``eval_`` (``DataSpec``s) under ``policy`` and the flags; print the summary
     and return the exit code. ``--init-manifest`` drafts a manifest of their files instead."""
+    from data_checks.auditor import audit
     from data_checks.files import data_files
     from data_checks.manifest import draft_manifest
-    from data_checks.auditor import audit
 
     if args.init_manifest:
         files = [f for s in (train, eval_) if s is not None for f in data_files(s.path, "data")]

@@ -272,8 +272,12 @@ def _near_findings(scans, located, groups, representatives, policy: AuditPolicy)
         if severity is None:
             continue
         inside = pair_order[bounds[label]:bounds[label + 1]]
+        listed = inside[:_PAIRS_LISTED]
+        texts = iter(excerpt(t) for t in located.texts(np.stack([left[listed], right[listed]], axis=1).ravel()))
         pairs = [{"a": located.record(a), "b": located.record(b), "jaccard": round(float(j), 4)}
                  for a, b, j in zip(left[inside], right[inside], similarity[inside])]
+        for pair in pairs[:_PAIRS_LISTED]:  # the two texts, for the report to show side by side
+            pair["a_text"], pair["b_text"] = next(texts), next(texts)
         scores = similarity[inside]
         out.append(Finding(
             check="near_duplicate", severity=severity,

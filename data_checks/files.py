@@ -55,3 +55,30 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def is_json_document(path: Path) -> bool:
+    """True for a JSON file holding one document (an array), not one object per line."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def json_lines(path: Path) -> bool:
+    """Whether ``path`` holds one JSON record per line, uncompressed: record N is its N-th non-blank line."""
+    return builder(path) == "json" and Path(path).suffix.lower() not in COMPRESSIONS and not is_json_document(path)
+
+
+def line_numbers(path: Path, rows: set[int]) -> dict[int, int]:
+    """The 1-based line of each 0-based record row of a JSON-lines file (blank lines hold no record)."""
+    found, row = {}, 0
+    with open(path, "rb") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            if row in rows:
+                found[row] = line_no
+                if len(found) == len(rows):
+                    break
+            row += 1
+    return found

@@ -11,6 +11,8 @@ from data_checks.policy import QualityPolicy
 from data_checks.report import Finding
 from data_checks.scan import SplitScan
 
+_LENGTHS_LISTED = 20  # token counts given as evidence of overlong records; the records are all listed
+
 
 def row_findings(scan: SplitScan) -> list[Finding]:
     """Rows the reader could not parse, or parsed only after replacing invalid UTF-8."""
@@ -55,7 +57,8 @@ def record_findings(scan: SplitScan, policy: QualityPolicy, max_tokens: int | No
             message=f"{len(records)} records of {source.name} exceed {max_tokens} tokens and will be "
                     f"truncated (longest: {max(tokens)})",
             records=_located(scan, records),
-            evidence={"max_tokens": max_tokens, "tokens": list(tokens)},
+            evidence={"max_tokens": max_tokens, "longest": max(tokens), "median": int(np.median(tokens)),
+                      "first_tokens": list(tokens[:_LENGTHS_LISTED])},
         ))
     usable = scan.digests[~scan.empty]
     if usable.shape[0]:

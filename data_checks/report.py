@@ -25,6 +25,7 @@ CHECK_ORDER = (
 )
 _MD_FINDINGS_PER_CHECK = 20  # report.md lists this many per check; report.json lists all
 _MD_RECORDS_PER_FINDING = 8
+_MD_PAIRS_SHOWN = 3  # near-duplicate pairs shown side by side per finding
 _EXCERPT_CHARS = 200
 
 
@@ -86,6 +87,8 @@ class AuditReport:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     redacted: dict[str, str] = field(default_factory=dict)
     report_dir: Path | None = None
+    # split -> {record index: line in its file}, for the records report.md names (JSON-lines sets)
+    lines: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.findings = sorted(self.findings, key=Finding._sort_key)
@@ -156,6 +159,21 @@ class AuditReport:
         lines += [f"  redacted copy of {split}: {path}" for split, path in self.redacted.items()]
         return "\n".join(lines)
 
+    def shown_records(self) -> dict[str, set[int]]:
+        """Per split, the record indices report.md names (the first few of the first findings per check)."""
+        shown: dict[str, set[int]] = {}
+        for finding in _listed(self.findings):
+            for record in finding.records[:_MD_RECORDS_PER_FINDING]:
+                shown.setdefault(record["split"], set()).add(int(record["index"]))
+            for pair in finding.evidence.get("pairs", [])[:_MD_PAIRS_SHOWN] if finding.check == "near_duplicate" else []:
+                for side in (pair["a"], pair["b"]):
+                    shown.setdefault(side["split"], set()).add(int(side["index"]))
+        return shown
+
+    def _name(self, record: dict) -> str:
+        line = self.lines.get(record["split"], {}).get(int(record["index"]))
+        return f"{record['split']}[{record['index']}]" + (f" (line {line})" if line else "")
+
     def to_markdown(self) -> str:
         """report.md: inputs, a table per check, then the findings (the first few per check)."""
         out = [f"# Data audit: {self.verdict.upper()}", "",
@@ -169,22 +187,50 @@ class AuditReport:
         else:
             out += ["| check | severity | findings | records |", "|---|---|---|---|"]
             out += [f"| {c} | {s} | {n} | {r} |" for c, s, n, r in rows]
-        shown: Counter = Counter()
-        for finding in self.findings:
-            shown[finding.check] += 1
-            if shown[finding.check] > _MD_FINDINGS_PER_CHECK:
-                continue
-            records = ", ".join(f"{r['split']}[{r['index']}]" for r in finding.records[:_MD_RECORDS_PER_FINDING])
+        for finding in _listed(self.findings):
+            records = ", ".join(self._name(r) for r in finding.records[:_MD_RECORDS_PER_FINDING])
             more = len(finding.records) - _MD_RECORDS_PER_FINDING
-            records += f" and {more} more" if more > 0 else ""
+            records += f" and {more} more (report.json lists every one)" if more > 0 else ""
             out += ["", f"### {finding.check} ({finding.severity})", "", finding.message]
             if records:
                 out += ["", f"Records: {records}"]
-            out += ["", "```json", json.dumps(finding.evidence, ensure_ascii=False), "```"]
-        hidden = {c: n - _MD_FINDINGS_PER_CHECK for c, n in shown.items() if n > _MD_FINDINGS_PER_CHECK}
-        for check, n in hidden.items():
-            out += ["", f"{n} more `{check}` findings are in report.json."]
+            pairs = finding.evidence.get("pairs", []) if finding.check == "near_duplicate" else []
+            if pairs and "a_text" in pairs[0]:
+                out += self._side_by_side(pairs[:_MD_PAIRS_SHOWN], finding.evidence.get("pairs_total", len(pairs)))
+            evidence = {k: v for k, v in finding.evidence.items() if k != "pairs"} if pairs else finding.evidence
+            out += ["", "```json", json.dumps(evidence, ensure_ascii=False), "```"]
+        counts = Counter(f.check for f in self.findings)
+        for check, n in counts.items():
+            if n > _MD_FINDINGS_PER_CHECK:
+                out += ["", f"{n - _MD_FINDINGS_PER_CHECK} more `{check}` findings are in report.json."]
         return "\n".join(out) + "\n"
+
+    def _side_by_side(self, pairs: list[dict], total: int) -> list[str]:
+        """Near-duplicate pairs as a table: each record's text beside the other's."""
+        rows = ["", "| record | text | record | text | Jaccard |", "|---|---|---|---|---|"]
+        for pair in pairs:
+            cells = [self._name(pair["a"]), _cell(pair["a_text"]), self._name(pair["b"]), _cell(pair["b_text"]),
+                     f"{pair['jaccard']:.2f}"]
+            rows.append("| " + " | ".join(cells) + " |")
+        if total > len(pairs):
+            rows += ["", f"{total - len(pairs)} more pairs are in report.json."]
+        return rows
+
+
+def _cell(text: str) -> str:
+    """A text as one markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _listed(findings: list[Finding]) -> list[Finding]:
+    """The findings report.md shows: the first ones of each check."""
+    shown: Counter = Counter()
+    listed = []
+    for finding in findings:
+        shown[finding.check] += 1
+        if shown[finding.check] <= _MD_FINDINGS_PER_CHECK:
+            listed.append(finding)
+    return listed
 
 
 def _check_rows(findings: list[Finding]) -> list[tuple[str, str, int, int]]:

@@ -19,8 +19,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from data_checks.errors import AuditInputError
-from data_checks.files import COMPRESSIONS, builder, builder_options, data_files
+from data_checks.errors import AuditInputError, MissingField
+from data_checks.files import (
+    COMPRESSIONS,
+    builder,
+    builder_options,
+    data_files,
+    is_json_document,
+)
 from data_checks.policy import DataSpec, Format, Role
 
 # The DataSpec attributes naming the fields each format reads.
@@ -163,7 +169,7 @@ MAX_RECORD_BYTES = 16 * 2**20
 
 def _check_record_sizes(files: list[Path], role: str) -> None:
     for path in files:
-        if path.suffix.lower() in COMPRESSIONS or path.stat().st_size <= MAX_RECORD_BYTES or _is_json_document(path):
+        if path.suffix.lower() in COMPRESSIONS or path.stat().st_size <= MAX_RECORD_BYTES or is_json_document(path):
             continue
         with open(path, "rb") as handle:
             for line_no, raw in enumerate(handle, start=1):
@@ -175,7 +181,7 @@ def _check_record_sizes(files: list[Path], role: str) -> None:
 
 def count_rows(path: Path) -> int:
     """Records in one data file, readable or not (non-blank lines for JSON lines)."""
-    if builder(path) == "json" and not _is_json_document(path):
+    if builder(path) == "json" and not is_json_document(path):
         with open(path, "rb") as handle:
             return sum(1 for line in handle if line.strip())
     return len(_load_files([path], builder(path), "manifest")[0])
@@ -241,7 +247,7 @@ def _read_json_lines(files: list[Path], role: str):
     records, rows, problems = [], [], []
     row = 0
     for path in files:
-        if _is_json_document(path):
+        if is_json_document(path):
             for value in _read_json_document(path, role):
                 records.append(value)
                 rows.append(row)
@@ -280,13 +286,6 @@ def _read_json_lines(files: list[Path], role: str):
     return dataset, np.asarray(rows, dtype=np.int64), problems
 
 
-def _is_json_document(path: Path) -> bool:
-    """True for a JSON file holding one document (an array), not one object per line."""
-    with open(path, "rb") as handle:
-        head = handle.read(4096).lstrip()
-    return head.startswith(b"[")
-
-
 def _read_json_document(path: Path, role: str) -> list[dict]:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
@@ -317,9 +316,7 @@ def _checked(source: Source) -> Source:
     source.format = format_
     for attr in _FORMAT_FIELDS[format_]:
         if getattr(spec, attr) not in columns:
-            raise AuditInputError(
-                f"{where}: field {getattr(spec, attr)!r} not found; fields present: {', '.join(columns)}: "
-                f"choose the field with --{attr.replace('_', '-')} (recipe: data.{attr})")
+            raise MissingField(where, attr, getattr(spec, attr), columns)
     return source
 
 

@@ -230,3 +230,24 @@ def test_report_json_has_the_product_shape(dirty):
     keys = {k for f in content["findings"] for k in ("check", "severity", "records", "evidence") if k in f}
     assert (content["verdict"], keys, all(set(r) == {"split", "index"} for f in content["findings"]
                                           for r in f["records"])) == ("fail", {"check", "severity", "records", "evidence"}, True)
+
+
+def test_report_md_names_file_lines_and_shows_near_duplicates_side_by_side(dirty):
+    report, _ = dirty
+    markdown = report.to_markdown()
+    assert "train[3002] (line 3003)" in markdown  # one record a line, no blank lines: row N is line N + 1
+    section = markdown.split("### near_duplicate")[1].split("###")[0]  # train row 3008 ~ eval row 300
+    assert "| record | text | record | text | Jaccard |" in section
+    assert "| train[3008] (line 3009) | " in section and " | eval[300] (line 301) | " in section
+
+
+def test_overlong_records_are_summed_up_not_listed_in_the_evidence(tmp_path):
+    """Thousands of overlong records: report.json still names each one, report.md stays short."""
+    rows = [{"prompt": " ".join(["word"] * (90 + i % 7)) + f" {i}", "response": "ok"} for i in range(3000)]
+    report = audit(DataSpec(path=str(write_jsonl(tmp_path / "train.jsonl", rows))), max_tokens=50,
+                   report_dir=tmp_path / "out")
+    [finding] = [f for f in report.findings if f.check == "overlong_record"]
+    assert len(finding.records) == 3000
+    assert finding.evidence["longest"] == 98 and finding.evidence["median"] == 95
+    assert len(finding.evidence["first_tokens"]) == 20
+    assert (tmp_path / "out" / "report.md").stat().st_size < 4_000

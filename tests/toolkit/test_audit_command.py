@@ -6,7 +6,10 @@ import ast
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, run_dstk, user_env
+from toolkit.errors import AuditFailed
 from toolkit.plan.prepare import prepare
 from toolkit.recipe import load_recipe
 
@@ -81,3 +84,20 @@ def test_a_data_file_given_as_the_recipe_gets_a_hint(tmp_path):
     (tmp_path / "train.jsonl").write_text(_rows(5))
     proc = run_dstk("audit", tmp_path / "train.jsonl", cwd=tmp_path, timeout=60)
     assert proc.returncode == 2 and f"pass it as --train {tmp_path / 'train.jsonl'}" in proc.stderr
+
+
+def test_the_gate_says_its_warnings_and_counts_only_failing_findings(tmp_path, capsys):
+    """A passing gate prints its warnings (records it will truncate); a failing one counts the
+    findings at the failing severity, not every finding."""
+    overrides = [f"output_dir={tmp_path / 'run'}", "train.seq_len=16", "data.eval_limit=8"]
+    prepare(load_recipe("tiny", overrides))
+    err = capsys.readouterr().err
+    assert "dstk: audit warning: overlong_record: " in err and "will be truncated" in err
+    assert f"audit passed with 2 warning(s) (see {tmp_path / 'run' / 'audit' / 'report.md'})" in err
+
+    rows = [json.loads(line) for line in _rows(200, 1000).splitlines()]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:3]))  # 3 copies
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # 2 leaked
+    with pytest.raises(AuditFailed, match=r"failed with 2 finding\(s\) of severity error or above \(and \d+ below it\)"):
+        prepare(load_recipe("tiny", [f"output_dir={tmp_path / 'leaky'}", f"data.train={tmp_path / 'train.jsonl'}",
+                                     f"data.eval={tmp_path / 'eval.jsonl'}"]))

@@ -15,8 +15,8 @@ import torch
 from bitsandbytes.functional import _convert_weight_packed_for_cpu
 from transformers import AutoModelForCausalLM
 
-import toolkit
 from data_checks.files import sha256_file
+from tests.conftest import run_dstk, user_env
 from toolkit import inference
 from toolkit.cli import main as cli_main
 from toolkit.errors import UserError
@@ -225,9 +225,7 @@ def test_run_without_final_model_or_checkpoint_is_refused(tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    package_root = str(Path(toolkit.__file__).absolute().parents[1])
-    env = {**os.environ, "PYTHONPATH": package_root}
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    return run_dstk(*args, cwd=cwd, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +257,43 @@ def test_bad_export_input_exits_2_with_one_line_and_writes_nothing(llama, bert_d
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def _instruction_rows(count: int) -> str:
+    return "".join(json.dumps({"prompt": f"the quick {n} ", "response": "brown fox jumps over"}) + "\n"
+                   for n in range(count))
+
+
+def test_int8_export_with_eval_data_caps_the_set_says_each_warning_once_and_makes_out(llama, tmp_path):
+    """bitsandbytes warns at every int8 matmul (113,372 lines for 64 records); -o into folders
+    that do not exist yet; --eval-limit scores the first N records, loss only unless asked."""
+    (tmp_path / "eval.jsonl").write_text(_instruction_rows(40))
+    out = tmp_path / "exports" / "tiny" / "int8"
+    done = _cli("export", llama, "--quant", "int8", "--eval-data", "eval.jsonl", "--eval-limit", "16", "-o", out,
+                cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert sum("MatMul8bitLt" in line for line in lines) <= 1 and len(lines) < 40
+    report = json.loads((out / "export.json").read_text())
+    assert report["eval_data"]["records"] == 16
+    assert report["quality"]["before"]["examples"] == 16 and report["quality"]["before"]["answer_match"] is None
+
+
+def test_an_interrupted_export_leaves_nothing(llama, tmp_path):
+    """Ctrl-C while scoring: one line, exit 130, and neither OUT nor the folders made for it."""
+    import signal
+    import time
+
+    (tmp_path / "eval.jsonl").write_text(_instruction_rows(400))
+    proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "export", str(llama), "--quant", "nf4",
+                             "--eval-data", "eval.jsonl", "--answer-match", "-o", str(tmp_path / "new" / "nf4")],
+                            cwd=tmp_path, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "new").exists() and time.monotonic() < deadline:  # scoring has begun
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "dstk export: interrupted" and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl"]

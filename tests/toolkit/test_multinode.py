@@ -214,10 +214,10 @@ def test_hostfile_wrapper_starts_every_host_through_pdsh(tmp_path):
                     "parallel.nproc=4", "--dry-run")
     assert done.returncode == 0, done.stderr
     argv = done.stdout.split()
-    assert argv[1:3] == ["-m", "deepspeed.launcher.runner"]
-    assert argv[3:11] == ["--hostfile", str(tmp_path / "hosts"), "--launcher", "pdsh", "--master_addr", "worker-a",
+    assert argv[1:5] == ["-m", "deepspeed.launcher.runner", "--log_level", "error"]
+    assert argv[5:13] == ["--hostfile", str(tmp_path / "hosts"), "--launcher", "pdsh", "--master_addr", "worker-a",
                           "--master_port", "29500"]
-    assert argv[11:] == ["--module", "toolkit.launching.worker", "--run-dir", str(tmp_path / "runs/tiny")]
+    assert argv[13:] == ["--module", "toolkit.launching.worker", "--run-dir", str(tmp_path / "runs/tiny")]
     assert not (tmp_path / "runs").exists()
 
     wrong = _wrapper(tmp_path, str(ROOT / "launch/hostfile.sh"), "hosts", "tiny", "parallel.nodes=2")

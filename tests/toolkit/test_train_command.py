@@ -153,6 +153,16 @@ def test_bad_input_exits_2_before_any_worker(case, existing_dir, tmp_path):
     assert _snapshot(existing_dir) == before
 
 
+def test_wrong_fields_are_named_in_recipe_keys(tmp_path):
+    """`dstk train` users are told the recipe key to set, not the audit command's flag."""
+    proc = dstk("train", f"output_dir={tmp_path / 'run'}", f"data.train={_bad_data(tmp_path)}", "data.eval=null",
+                timeout=120)
+    assert proc.returncode == 2
+    assert "field 'prompt' not found; fields present: question, answer" in proc.stderr
+    assert "set data.prompt_field to the field that holds it, e.g. data.prompt_field=question" in proc.stderr
+    assert "--prompt-field" not in proc.stderr
+
+
 def test_failing_audit_stops_the_run_with_exit_1(tmp_path):
     """Eval records copied into the training data: leakage, so no worker may start."""
     rows = [{"prompt": f"reverse {n} =", "response": f" {str(n)[::-1]}"} for n in range(1000, 1400)]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("env", help="print versions, the machine and the built-in presets")
+    parser = subparsers.add_parser(
+        "env", help="print versions, the machine and the built-in presets",
+        description="Print the versions of dstk and the libraries it trains with, the machine (platform, CPUs, "
+        "accelerator), and the built-in recipes, model presets and DeepSpeed templates: paste it into bug reports.")
     parser.set_defaults(run=run)
 
 

@@ -28,7 +28,12 @@ def register(subparsers) -> None:
         "--keep-fp", default="lm_head", metavar="M1,M2", help="comma-separated modules left unquantized (default: lm_head; '' for none)"
     )
     parser.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, help="4-bit compute dtype (default: the source's)")
-    parser.add_argument("--eval-data", metavar="F", help="eval set scored before and after quantization")
+    parser.add_argument("--eval-data", metavar="F", help="eval set whose loss and perplexity are measured before "
+                        "and after quantization (one forward pass per batch)")
+    parser.add_argument("--eval-limit", type=int, metavar="N", help="score only the first N records of --eval-data")
+    parser.add_argument("--answer-match", action="store_true",
+                        help="also generate each instruction record's answer before and after and compare it with the "
+                        "reference (one generation per record: minutes on a CPU for long answers)")
     parser.add_argument(
         "--max-loss-rise", type=float, metavar="FRACTION",
         help="also keep in full precision the layers quantization hurts most, as few as keep the eval loss "
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype,
         eval_data=args.eval_data,
         eval_fields=fields,
+        eval_limit=args.eval_limit,
+        answer_match=args.answer_match,
         max_loss_rise=args.max_loss_rise,
         trust_remote_code=args.trust_remote_code,
     )

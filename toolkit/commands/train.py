@@ -9,7 +9,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="fine-tune a model from a recipe (default: the built-in `tiny`)",
         description="Validate the recipe, run the data audit gate, launch DeepSpeed workers, train, "
-        "checkpoint and consolidate the result to a Hugging Face model in OUTPUT_DIR/final.")
+        "checkpoint and consolidate the result to a Hugging Face model in OUTPUT_DIR/final.",
+        epilog="Every recipe key can be overridden as key=value. The keys, their defaults and what each does are "
+        "in the README's Recipes section (`python -m toolkit.recipe --markdown` prints that table); "
+        "`dstk env` lists the built-in recipes and model presets.")
     parser.add_argument("recipe", nargs="?", default=None,
                         help="a recipe YAML path or built-in name (default: tiny)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,

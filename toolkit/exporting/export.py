@@ -86,6 +86,8 @@ def export(
     compute_dtype: str | None = None,
     eval_data: str | Path | Sequence[dict] | None = None,
     eval_fields=None,
+    eval_limit: int | None = None,
+    answer_match: bool = False,
     max_loss_rise: float | None = None,
     trust_remote_code: bool = False,
 ) -> ExportResult:
@@ -104,6 +106,10 @@ def export(
             and after quantization; without it the report has no quality section.
         eval_fields: format and field names of ``eval_data`` (a ``toolkit.recipe.DataConfig``);
             default: told by its first record.
+        eval_limit: score only the first this many records of ``eval_data``.
+        answer_match: also generate an answer for each instruction record, before and after, and
+            compare it with the reference: one generation per record and side, so slow on a CPU
+            for long answers (loss and perplexity take one forward pass per batch).
         max_loss_rise: the largest relative eval-loss rise allowed (e.g. 0.03); the layers that
             quantization hurts most are then left in full precision too, as few as the budget
             allows (see :mod:`toolkit.exporting.sensitivity`). Needs ``eval_data``.
@@ -118,48 +124,53 @@ def export(
     """
     start = time.perf_counter()
     _check_options(quant, double_quant, compute_dtype)
+    if eval_limit is not None and not (eval_limit >= 1 and eval_data is not None):
+        raise UserError(f"--eval-limit {eval_limit} needs a positive count and --eval-data to take it from",
+                        "give e.g. --eval-limit 64 --eval-data FILE")
     if max_loss_rise is not None and (eval_data is None or not max_loss_rise > 0):
         raise UserError(f"--max-loss-rise {max_loss_rise} needs a positive fraction and --eval-data to measure it on",
                         "give e.g. --max-loss-rise 0.03 --eval-data FILE")
     out = Path(out) if out is not None else None
     if out is not None:
-        _check_out(out)  # before resolving, which imports transformers
+        _check_out(out)  # before resolving, which reads the source's files
     src = resolve(source, trust_remote_code=trust_remote_code)
     if out is None:
         out = _default_out(src, quant)
         _check_out(out)
-    # Imported only now: torch, transformers and bitsandbytes take seconds to import, and bad
-    # input should fail at once.
 
     evaluation = None
     if eval_data is not None:
         records = list(load_records(str(eval_data)) if isinstance(eval_data, (str, Path)) else eval_data)
-        evaluation = (records, eval_fields or inference.infer_fields(records))
+        evaluation = (records[:eval_limit], eval_fields or inference.infer_fields(records))
     options = {
         "quant": quant,
         "double_quant": (quant != "int8") if double_quant is None else double_quant,
         "keep_fp": list(keep_fp),
         "compute_dtype": compute_dtype,
         "max_loss_rise": max_loss_rise,
+        "answer_match": answer_match,
     }
-    scratch = [Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))]
+    made = [p for p in reversed(out.parents) if not p.exists()]  # -o a/b/out makes a/ and a/b/
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = [*made, Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))]
     try:
         model_dir = src.model_dir
         if src.adapter_dir:
             model_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.merged-", dir=out.parent))
             scratch.append(model_dir)
             _merge_adapter(src, model_dir, trust_remote_code)
-        report = _export_into(scratch[0], model_dir, options, evaluation, trust_remote_code)
-        report["eval_data"] = _describe_eval_data(eval_data)
+        staging = scratch[len(made)]
+        report = _export_into(staging, model_dir, options, evaluation, trust_remote_code)
+        report["eval_data"] = _describe_eval_data(eval_data, evaluation)
         report["lineage"] = lineage(src)
         report["time_s"]["total"] = time.perf_counter() - start
-        (scratch[0] / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
             raise UserError(f"{out} appeared while exporting", "choose another -o OUT")
-        os.rename(scratch[0], out)
-        scratch.pop(0)
-    finally:
-        for path in scratch:
+        os.rename(staging, out)
+        scratch = [p for p in scratch if p != staging and p not in made]
+    finally:  # a failed or interrupted export leaves nothing, not even the folders it made for OUT
+        for path in reversed(scratch):
             shutil.rmtree(path, ignore_errors=True)
     return ExportResult(out, report)
 
@@ -176,7 +187,8 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
     config = source.model.config
     ids = probe.probe_ids(config.vocab_size, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
     source_logits = probe.probe_logits(source.model, ids)
-    before = inference.evaluate(source, evaluation[0], fields=evaluation[1]) if evaluation else None
+    before = (inference.evaluate(source, evaluation[0], fields=evaluation[1], answer_match=options["answer_match"])
+              if evaluation else None)
     options["compute_dtype"] = options["compute_dtype"] or str(source.model.dtype).removeprefix("torch.")
     times["source"], tick = time.perf_counter() - tick, time.perf_counter()
 
@@ -211,7 +223,8 @@ def _export_into(staging: Path, model_dir: Path, options: dict, evaluation, trus
     times["quantize_and_save"], tick = time.perf_counter() - tick, time.perf_counter()
 
     memory_logits = probe.probe_logits(quantized.model, ids)
-    after = inference.evaluate(quantized, evaluation[0], fields=evaluation[1]) if evaluation else None
+    after = (inference.evaluate(quantized, evaluation[0], fields=evaluation[1], answer_match=options["answer_match"])
+             if evaluation else None)
     times["eval_quantized"], tick = time.perf_counter() - tick, time.perf_counter()
     reloaded = probe.reload_logits(staging, ids, trust_remote_code=trust_remote_code)
     reload_error = probe.relative_error(reloaded, memory_logits)
@@ -283,8 +296,9 @@ def _check_options(quant: str, double_quant: bool | None, compute_dtype: str | N
 def _check_out(out: Path) -> None:
     if out.exists():
         raise UserError(f"{out} already exists", "choose another -o OUT, or remove it")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such directory", "create the parent of OUT first")
+    taken = next((p for p in out.parents if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise UserError(f"{taken} is a file, so {out} cannot be made", "choose another -o OUT")
 
 
 def _default_out(src: ModelSource, quant: str) -> Path:
@@ -304,13 +318,14 @@ def _quality(before, after) -> dict | None:
     }
 
 
-def _describe_eval_data(eval_data) -> dict | None:
+def _describe_eval_data(eval_data, evaluation) -> dict | None:
     if eval_data is None:
         return None
+    scored = {"records": len(evaluation[0])}
     if isinstance(eval_data, (str, Path)):
         path = Path(eval_data)  # a file, a folder or a hub id
-        return {"path": str(eval_data), "sha256": sha256_file(path) if path.is_file() else None}
-    return {"records": len(eval_data)}
+        return {"path": str(eval_data), "sha256": sha256_file(path) if path.is_file() else None, **scored}
+    return scored
 
 
 def _weight_bytes(model_dir: Path) -> int:

@@ -16,6 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from deepspeed.accelerator import get_accelerator
+
+from toolkit import quiet
 from toolkit.launching import nodes
 from toolkit.plan.prepare import prepare
 from toolkit.recipe import Recipe
@@ -37,7 +40,9 @@ def command(recipe: Recipe, run_dir: Path, port: int, node_rank: int | None = No
     world read from ``world_hostfile`` (see :func:`toolkit.launching.nodes.world_hostfile`).
     """
     p = recipe.parallel
-    head = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    # DeepSpeed's launchers log their start-up (commands, rank maps, CUDA_VISIBLE_DEVICES on a CPU) at
+    # INFO; dstk -v shows it, errors always show
+    head = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "info" if quiet.verbose() else "error"]
     if p.hostfile is not None:
         head += ["--hostfile", str(Path(p.hostfile).resolve()), "--launcher", p.launcher,
                  "--master_addr", p.master_addr or next(iter(nodes.read_hostfile(p.hostfile)))]
@@ -56,6 +61,9 @@ def worker_env(recipe: Recipe) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_here)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
+    # the accelerator DeepSpeed chose here, so that its launchers and workers do not each detect it
+    # again and say so (on a CPU: a warning per process)
+    env.setdefault("DS_ACCELERATOR", get_accelerator()._name)
     return env
 
 

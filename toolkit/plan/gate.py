@@ -10,9 +10,12 @@ the model's own tokens against ``train.seq_len``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from data_checks import AuditInputError, DataSpec, audit
+from data_checks.errors import MissingField
+from data_checks.policy import SEVERITY_RANK
 from toolkit.data.tokenizer import char_tokenizer
 from toolkit.errors import AuditFailed, UserError
 from toolkit.models.loading import ModelRef, load_tokenizer
@@ -61,6 +64,9 @@ def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Pat
                        eval=DataSpec(path=evaluation, split="eval", **fields) if evaluation else None,
                        policy=recipe.audit, manifest=recipe.audit.manifest, report_dir=report_dir,
                        max_tokens=recipe.train.seq_len, count_tokens=count_tokens)
+    except MissingField as err:  # in the recipe's terms: its data.* keys, not the audit command's flags
+        raise UserError(f"{err.where}: field {err.field!r} not found; fields present: {', '.join(err.present)}",
+                        f"set data.{err.attr} to the field that holds it, e.g. data.{err.attr}={err.present[0]}") from None
     except AuditInputError as err:
         raise UserError(str(err)) from None
     unreadable = [f for f in report.findings if f.check in UNREADABLE]
@@ -69,8 +75,25 @@ def run_gate(recipe: Recipe, train: str, evaluation: str | None, report_dir: Pat
                         "fix or drop that line; `dstk audit` lists every bad row")
     entry = {"verdict": report.verdict, "enforced": True, "report_sha256": report.sha256,
              "report": str(published_dir / "report.json"), "findings": len(report.findings)}
-    if report.verdict != "pass":
-        raise AuditFailed(f"the data audit failed with {len(report.findings)} finding(s); "
-                          f"see {published_dir / 'report.md'}",
+    floor = SEVERITY_RANK[recipe.audit.fail_on]
+    failing = [f for f in report.findings if SEVERITY_RANK[f.severity] >= floor]
+    if failing:
+        others = len(report.findings) - len(failing)
+        raise AuditFailed(f"the data audit failed with {len(failing)} finding(s) of severity "
+                          f"{recipe.audit.fail_on} or above" + (f" (and {others} below it)" if others else "")
+                          + f"; see {published_dir / 'report.md'}",
                           "fix the data, or set audit.enforce=false to train anyway (recorded in run.json)")
+    _say_warnings(report, published_dir)
     return entry
+
+
+def _say_warnings(report, published_dir: Path, most: int = 5) -> None:
+    """A passing audit's warnings, one line each on stderr: they change what trains (truncated
+    records, duplicates) and would otherwise stay in report.md."""
+    warnings = [f for f in report.findings if f.severity == "warning"]
+    for finding in warnings[:most]:
+        print(f"dstk: audit warning: {finding.check}: {finding.message}", file=sys.stderr, flush=True)
+    if warnings:
+        more = f"{len(warnings) - most} more, " if len(warnings) > most else ""
+        print(f"dstk: audit passed with {len(warnings)} warning(s) ({more}see {published_dir / 'report.md'})",
+              file=sys.stderr, flush=True)

@@ -10,6 +10,8 @@ calls :func:`finetune` with a recipe: rank 0 plans the run first, unless it is p
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ import torch.distributed as dist
 import transformers
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from toolkit import quiet
 from toolkit.checkpoints import store as checkpoint
 from toolkit.checkpoints.consolidate import consolidate
 from toolkit.data.batches import GlobalBatches
@@ -143,7 +146,9 @@ def _init_distributed(recipe: Recipe) -> None:
     if "RANK" not in os.environ:  # a plain `python script.py`: one rank, no launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=recipe.parallel.comm_timeout_s))
+    # DeepSpeed prints that its shared-memory op was built, at every start of every rank
+    with contextlib.nullcontext() if quiet.verbose() else contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=recipe.parallel.comm_timeout_s))
     # Without an orderly teardown before the interpreter exits, ZeRO-3 workers abort with
     # "terminate called without an active exception" (DeepSpeed 0.19.8, gloo). At exit rather
     # than at the end of finetune, so the returned engine stays usable and finetune can run again.
