@@ -21,7 +21,7 @@ EPILOG = ("`dstk COMMAND --help` shows a command's options. Every recipe key, wi
           "(`python -m toolkit.recipe --markdown` prints the table).")
 
 # the modules of toolkit.commands; `checkpoints` registers `dstk rollback` too
-COMMAND_MODULES = ("train", "verify", "audit", "checkpoints", "export", "eval", "generate", "env")
+COMMAND_MODULES = ("init", "train", "verify", "audit", "checkpoints", "export", "eval", "generate", "env")
 
 
 class Parser(argparse.ArgumentParser):

@@ -377,6 +377,11 @@ def builtin_recipes() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def builtin_path(name: str):
+    """The YAML file of a built-in recipe (a ``Traversable``: read it with ``read_text``)."""
+    return resources.files("toolkit") / "recipes" / f"{name}.yaml"
+
+
 def load_recipe(source: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Load, override and validate a recipe.
 
@@ -455,7 +460,7 @@ def _read_source(source: str | Path | None) -> tuple[str, dict, str]:
             close = difflib.get_close_matches(str(source), builtin_recipes(), n=1)
             hint = f"did you mean `{close[0]}`?" if close else f"built-in recipes: {', '.join(builtin_recipes())}"
             raise UserError(f"no recipe file or built-in recipe named {source!r}", hint)
-        text = (resources.files("toolkit") / "recipes" / f"{source}.yaml").read_text(encoding="utf-8")
+        text = builtin_path(str(source)).read_text(encoding="utf-8")
         name = str(source)
     try:
         data = yaml.safe_load(text) or {}

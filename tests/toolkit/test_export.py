@@ -91,7 +91,7 @@ def _assert_faithful_export(out: Path, source_dir: Path, quant: str, double_quan
 # nf4 with double quantization, the default, is exported from GPT-2 and from a LoRA adapter below.
 @pytest.mark.parametrize(("quant", "double_quant"), [("nf4", False), ("fp4", True), ("fp4", False)])
 def test_4bit_export_reloads_as_the_saved_model(llama, eval_file, tmp_path, quant, double_quant):
-    result = export(llama, quant, tmp_path / "out", double_quant=double_quant, eval_data=eval_file)
+    result = export(llama, quant, tmp_path / "out", double_quant=double_quant, eval_data=eval_file, answer_match=True)
     report = _assert_faithful_export(result.out_dir, llama, quant, double_quant)
     size, quality = report["size"], report["quality"]
     assert size["quantized_weights_fp16_ratio"] <= 0.30

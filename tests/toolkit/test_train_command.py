@@ -71,6 +71,17 @@ def test_the_run_report_says_what_the_run_directory_says(default_run):
     assert f"report         {out / 'report.md'}" in proc.stdout
 
 
+def test_the_console_carries_dstk_not_its_libraries_start_up(default_run, tmp_path):
+    """No DeepSpeed launcher INFO lines, accelerator guesses or op-build notes; `dstk -v` asks for them."""
+    _, proc = default_run
+    output = proc.stdout + proc.stderr
+    for noise in ("[INFO]", "Setting accelerator to CPU", "built successfully", "CUDA_VISIBLE_DEVICES",
+                  "Failed to load CPU gemm_4bit_forward"):
+        assert noise not in output, noise
+    verbose = dstk("-v", "train", f"output_dir={tmp_path / 'run'}", "--dry-run", timeout=120)
+    assert verbose.returncode == 0 and "--log_level info" in verbose.stdout
+
+
 def test_lineage_names_data_audit_and_versions(default_run):
     out, _ = default_run
     run = json.loads((out / "run.json").read_text())

@@ -29,18 +29,21 @@ def register(subparsers) -> None:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The format and field-name flags shared by `dstk eval` and `dstk export` (recipe keys data.*)."""
     parser.add_argument("--format", choices=("text", "instruction", "chat"), help="default: told by the first record")
-    parser.add_argument("--text-field", default="text", help="text field (format text; default: text)")
-    parser.add_argument("--prompt-field", default="prompt", help="prompt field (format instruction; default: prompt)")
-    parser.add_argument("--response-field", default="response", help="response field (format instruction; default: response)")
-    parser.add_argument("--messages-field", default="messages", help="messages field (format chat; default: messages)")
+    parser.add_argument("--text-field", help="text field (format text; default: text)")
+    parser.add_argument("--prompt-field", help="prompt field (format instruction; default: prompt)")
+    parser.add_argument("--response-field", help="response field (format instruction; default: response)")
+    parser.add_argument("--messages-field", help="messages field (format chat; default: messages)")
 
 
-def data_fields(args: argparse.Namespace, records):
-    """The recipe-style ``data`` section the flags describe; the format from ``records`` if not given."""
+def data_fields(args: argparse.Namespace, records, base=None):
+    """The recipe-style ``data`` section the flags describe, over ``base`` (a run's ``data`` section;
+    default: the default field names); the format told by ``records`` unless given."""
     from toolkit.inference import infer_fields
     from toolkit.recipe import DataConfig
 
-    names = {k: getattr(args, k) for k in ("text_field", "prompt_field", "response_field", "messages_field")}
+    base = base or DataConfig()
+    names = {k: getattr(args, k) or getattr(base, k) for k in ("text_field", "prompt_field", "response_field",
+                                                               "messages_field")}
     return DataConfig(format=args.format, **names) if args.format else infer_fields(records, DataConfig(**names))
 
 

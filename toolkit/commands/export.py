@@ -44,6 +44,17 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
+def _run_data(source: str):
+    """A run's ``data`` section (its field names), when the source is a run directory."""
+    from pathlib import Path
+
+    from toolkit.recipe import load_recipe
+    from toolkit.rundir import RunDir
+
+    recipe = RunDir(Path(source)).recipe
+    return load_recipe(recipe).data if recipe.is_file() else None
+
+
 def run(args: argparse.Namespace) -> int:
     from toolkit.exporting.export import export
 
@@ -51,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_data is not None:
         from toolkit.data.records import load_records
 
-        fields = data_fields(args, load_records(args.eval_data))
+        fields = data_fields(args, load_records(args.eval_data), base=_run_data(args.source))
     result = export(
         args.source,
         args.quant,
