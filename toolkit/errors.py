@@ -22,6 +22,13 @@ class UserError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+class ResultNotWritten(UserError):
+    """Training finished but its last checkpoint or ``final/`` could not be written; what was written
+    is kept and the message says how to get the model from it (exit 1)."""
+
+    exit_code = 1
+
+
 class AuditFailed(UserError):
     """The data audit found problems at the failing severity: the run must not start (exit 1)."""
 

@@ -47,6 +47,6 @@ def test_a_plain_script_trains_on_one_rank_whatever_the_recipe_says(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env=user_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "steps 3 3" in proc.stdout and "training on one rank in this process (parallel.nproc 2 -> 1)" in proc.stderr
+    assert "steps 3 3" in proc.stdout and "one rank: training on it alone (parallel.nproc 2 -> 1)" in proc.stderr
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["parallel"]["nproc"] == 1 and run["status"] == "completed"

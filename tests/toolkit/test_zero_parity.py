@@ -192,11 +192,11 @@ def test_newest_checkpoint_consolidates_offline_to_the_same_model(two_ranks, lay
     """A run without final/ (stopped early) exports from its newest checkpoint instead."""
     from transformers import AutoModelForCausalLM
 
-    from toolkit.checkpoints.consolidate import consolidate_newest
+    from toolkit.checkpoints.consolidate import consolidate_offline
 
     run = tmp_path / layout
     shutil.copytree(layouts_dir / layout, run, ignore=shutil.ignore_patterns("final", "nf4"))
-    folder = consolidate_newest(run)
+    folder = consolidate_offline(run)
     probe = torch.arange(24).view(2, 12) * 7 % 90 + 5
     with torch.no_grad():
         offline = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=probe).logits

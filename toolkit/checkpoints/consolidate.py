@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from toolkit.checkpoints.store import frozen_base, newest_complete, tag
+from toolkit.checkpoints.store import frozen_base, newest_complete, tag, why_incomplete
 from toolkit.errors import UserError
 from toolkit.models import lora
 from toolkit.models.loading import load_tokenizer
@@ -62,27 +62,36 @@ def consolidate(engine, tokenizer, out: Path, checkpoints: Path, step: int) -> P
     return out
 
 
-def consolidate_newest(root: Path) -> Path:
-    """Consolidate a run's newest complete checkpoint, offline in one process, to ``consolidated/TAG``.
+def consolidate_offline(root: Path, step: int | None = None, out: Path | None = None) -> Path:
+    """Consolidate a run's checkpoint of ``step`` (default: its newest complete one), offline in one
+    process, to ``out`` (default: ``RUN/consolidated/TAG``); return ``out``.
 
-    For a run that has checkpoints but no ``final/`` (stopped early, or still running): ZeRO 1-3
+    For a run without ``final/`` (stopped early, still running, or its final save failed): ZeRO 1-3
     through DeepSpeed's own ``zero_to_fp32`` (the fp32 master weights), ZeRO-0 from the model
-    states file, a pipeline from its per-layer files. Written aside and renamed into place.
+    states file, a pipeline from its per-layer files. The checkpoint is verified against its
+    manifest first; the model is written aside and renamed into place.
 
     Raises:
-        UserError: the run has no complete checkpoint, or it is an AutoTP checkpoint (its slices
-            are only gathered by the live engine, into ``final/``).
+        UserError: no such complete checkpoint, or one that is not consolidated offline (AutoTP
+            slices and LoRA adapters are gathered by the live engine into ``final/``).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     run = RunDir(Path(root))
-    chosen = newest_complete(run.checkpoints) if run.checkpoints.is_dir() else None
-    if chosen is None:
-        raise UserError(f"{root}: the run has neither final/ nor a complete checkpoint",
-                        "train it (train.save_steps) first")
+    if step is None:
+        chosen = newest_complete(run.checkpoints) if run.checkpoints.is_dir() else None
+        if chosen is None:
+            raise UserError(f"{root}: the run has neither final/ nor a complete checkpoint",
+                            "train it (train.save_steps) first")
+    else:
+        chosen = run.checkpoints / tag(step)
+        problem = why_incomplete(chosen) if chosen.is_dir() else "there is no such checkpoint"
+        if problem:
+            raise UserError(f"{root}: checkpoint of step {step} is not usable: {problem}",
+                            "`dstk checkpoints RUN` lists the complete ones")
     name = chosen.name
-    out = run.root / "consolidated" / name
+    out = Path(out) if out is not None else run.root / "consolidated" / name
     if (out / "config.json").is_file():
         return out
     info = run.read_run()
@@ -98,7 +107,7 @@ def consolidate_newest(root: Path) -> Path:
                         "(node 0 writes final/)")
     model_path = info["model"]["path"]
     config = AutoConfig.from_pretrained(model_path)
-    staging = out.with_name(f".{name}.tmp")
+    staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     folder = run.checkpoints / name
     if any(folder.glob("layer_*-model_states.pt")):

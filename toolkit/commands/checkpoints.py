@@ -1,18 +1,27 @@
-"""`dstk checkpoints RUN` and `dstk rollback RUN --to STEP`: a run's versioned checkpoints."""
+"""`dstk checkpoints RUN`, `dstk checkpoints convert RUN` and `dstk rollback RUN --to STEP`: a run's
+versioned checkpoints, listed, made into a Hugging Face model, or chosen as the resume point."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 
 def register(subparsers) -> None:
     listing = subparsers.add_parser(
-        "checkpoints", help="list a run's checkpoints: step, loss, eval loss, size, verified",
+        "checkpoints", help="list a run's checkpoints, or make a Hugging Face model of one (convert)",
+        usage="dstk checkpoints [--json] RUN\n       dstk checkpoints convert RUN [--step N] [--to hf] [-o OUT]",
         description="List every checkpoint of a run directory with its step, loss, eval loss, size and "
-        "whether its manifest verifies (each file's size and sha256); `*` marks the resume point.")
-    listing.add_argument("run_dir", metavar="RUN", help="a dstk run directory")
+        "whether its manifest verifies (each file's size and sha256); `*` marks the resume point. "
+        "`convert` writes a Hugging Face model (safetensors) of a checkpoint, offline in one process, after "
+        "verifying it: of the newest complete one unless --step says which.")
+    listing.add_argument("run_dir", metavar="RUN", help="a dstk run directory (or `convert`, then the run)")
+    listing.add_argument("convert_run", nargs="?", help=argparse.SUPPRESS)
     listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    listing.add_argument("--step", type=int, metavar="N", help="convert: the checkpoint's step (default: the newest)")
+    listing.add_argument("--to", choices=("hf",), default="hf", help="convert: the format (a Hugging Face model)")
+    listing.add_argument("-o", "--out", metavar="OUT", help="convert: where (default: RUN/consolidated/step_N)")
     listing.set_defaults(run=run_list)
     rollback = subparsers.add_parser(
         "rollback", help="make an earlier checkpoint the one resume=auto continues from",
@@ -37,7 +46,13 @@ def _checkpoints(run_dir: str) -> Path:
 
 def run_list(args) -> int:
     from toolkit.checkpoints.store import list_checkpoints
+    from toolkit.errors import UserError
 
+    if args.run_dir == "convert":
+        return _convert(args)
+    if args.convert_run or args.step is not None or args.out:
+        raise UserError("--step and -o are for converting a checkpoint",
+                        f"dstk checkpoints convert {args.run_dir} [--step N] [-o OUT]")
     entries = list_checkpoints(_checkpoints(args.run_dir))
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -50,6 +65,22 @@ def run_list(args) -> int:
     for entry in entries:
         print(f"{'*' if entry['latest'] else ' '} {entry['step']:>8}  {number(entry['loss']):>8}  "
               f"{number(entry['eval_loss']):>9}  {entry['bytes'] / 2**20:>7.1f} MiB  {entry['state']}")
+    return 0
+
+
+def _convert(args) -> int:
+    from toolkit.checkpoints.consolidate import consolidate_offline
+    from toolkit.errors import UserError
+
+    if not args.convert_run:
+        raise UserError("convert needs the run", "dstk checkpoints convert RUN [--step N] [-o OUT]")
+    _checkpoints(args.convert_run)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        raise UserError(f"{out} already exists", "choose another -o OUT, or remove it")
+    written = consolidate_offline(Path(args.convert_run), args.step, out)
+    print(f"dstk checkpoints: wrote {written} (a Hugging Face model: AutoModelForCausalLM.from_pretrained, "
+          f"dstk export, dstk eval)")
     return 0
 
 

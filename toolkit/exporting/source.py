@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_checks.files import sha256_file
-from toolkit.checkpoints.consolidate import consolidate_newest
+from toolkit.checkpoints.consolidate import consolidate_offline
 from toolkit.errors import UserError
 from toolkit.models.loading import check_causal_lm, check_weights
 from toolkit.rundir import RunDir
@@ -60,7 +60,7 @@ def resolve(path: str | Path, *, trust_remote_code: bool = False) -> ModelSource
     if RunDir(path).run_json.is_file():
         run_dir, final = path, RunDir(path).final
         if not final.is_dir():  # stopped early or still running: its newest checkpoint, consolidated
-            final = consolidate_newest(path)
+            final = consolidate_offline(path)
         path = final
     if (path / ADAPTER_FILE).is_file():
         base = _adapter_base(path)

@@ -32,7 +32,7 @@ from toolkit.checkpoints import store as checkpoint
 from toolkit.checkpoints.consolidate import consolidate
 from toolkit.data.batches import GlobalBatches
 from toolkit.data.formats import encode_set
-from toolkit.errors import UserError
+from toolkit.errors import ResultNotWritten, UserError
 from toolkit.launching.launcher import free_port
 from toolkit.launching.nodes import AGREED_ENV, data_problems
 from toolkit.models.build import build_model
@@ -70,8 +70,8 @@ class FinetuneResult:
 def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | None = None) -> FinetuneResult:
     """Fine-tune the recipe's model on this rank; every rank of the job calls it.
 
-    Without a launcher (a plain ``python script.py``) the run is one rank in this process, whatever
-    ``parallel.nproc`` says.
+    Without a launcher (a plain ``python script.py``), or with one that started a single rank, the
+    run is one rank, whatever ``parallel.nproc`` says.
 
     Args:
         recipe: a validated :class:`Recipe`, a YAML path or built-in name (None: ``tiny``).
@@ -82,9 +82,10 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    if "RANK" not in os.environ and recipe.parallel.nproc != 1:
-        print(f"dstk: no launcher: training on one rank in this process (parallel.nproc "
-              f"{recipe.parallel.nproc} -> 1)", file=sys.stderr, flush=True)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and recipe.parallel.nproc != 1:  # no launcher, or one that started one rank
+        print(f"dstk: one rank: training on it alone (parallel.nproc {recipe.parallel.nproc} -> 1)",
+              file=sys.stderr, flush=True)
         recipe = with_values(recipe, {"parallel.nproc": 1})
     _join(recipe)
     return _train(recipe, _plan_everywhere(recipe))
@@ -250,8 +251,8 @@ def _train(recipe: Recipe, run: dict) -> FinetuneResult:
     if eval_after is not None:
         lines.append(logger.log_eval(t.max_steps, eval_after))
     last_loss = next((line["loss"] for line in reversed(lines) if "loss" in line), None)
-    save(t.max_steps, {"loss": last_loss, "eval_loss": None if eval_after is None else eval_after.loss})
-    consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, t.max_steps)
+    _write_result(engine, tokenizer, run_dir, t.max_steps,
+                  lambda: save(t.max_steps, {"loss": last_loss, "eval_loss": None if eval_after is None else eval_after.loss}))
     if recipe.lora.merge and rank == 0:
         tokenizer.save_pretrained(merge(run_dir.final, run_dir.final / "merged"))
     measured = {"peak_rss_mb_per_rank": peak_rss_mb_per_rank(), "rss_before_model_mb_per_rank": rss_before_model,
@@ -271,6 +272,53 @@ def _train(recipe: Recipe, run: dict) -> FinetuneResult:
             print(f"dstk: the run finished but its report could not be written ({err!r})", file=sys.stderr)
     dist.barrier()
     return result
+
+
+def _write_result(engine, tokenizer, run_dir: RunDir, step: int, save_last) -> None:
+    """The last checkpoint, then ``final/``: if either fails, the other is still written where it can
+    be, and the error says where the trained model is and how to get it (a collective call).
+
+    Raises:
+        ResultNotWritten: with run.json's status ``trained`` and the reason.
+    """
+    try:
+        save_last()
+    except Exception as err:
+        # the trained weights are in memory only: final/ comes from there (a pipeline's comes from
+        # its checkpoint, which is what failed)
+        written = _try(lambda: consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, step))
+        problem = (f"the checkpoint of step {step} could not be saved ({_one_line(err)}); "
+                   + ("final/ holds the trained model, written from memory" if written
+                      else "writing final/ from memory failed too"))
+        hint = ("resume is not possible from this step" if written else
+                f"the last complete checkpoint is in {run_dir.checkpoints}: `dstk checkpoints convert "
+                f"{run_dir.root}` makes a Hugging Face model of it")
+        raise _not_written(run_dir, problem, hint) from err
+    try:
+        consolidate(engine, tokenizer, run_dir.final, run_dir.checkpoints, step)
+    except Exception as err:
+        raise _not_written(run_dir, f"training finished and the checkpoint of step {step} is saved, but writing "
+                                    f"final/ failed ({_one_line(err)})",
+                           f"make the Hugging Face model offline: dstk checkpoints convert {run_dir.root}") from err
+
+
+def _try(write) -> bool:
+    try:
+        write()
+        return True
+    except Exception as err:
+        print(f"dstk: {_one_line(err)}", file=sys.stderr)
+        return False
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+
+
+def _not_written(run_dir: RunDir, problem: str, hint: str) -> ResultNotWritten:
+    if dist.get_rank() == 0:
+        run_dir.write_run({**run_dir.read_run(), "status": "trained", "error": f"{problem} ({hint})"})
+    return ResultNotWritten(problem, hint)
 
 
 def _record_result(run_dir: RunDir, result: FinetuneResult, measured: dict) -> None:

@@ -119,6 +119,10 @@ def write_report(run_dir: RunDir) -> Path:
 def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout, node_rank: int | None = None) -> None:
     run_dir = RunDir(Path(recipe.output_dir))
     on_node = "" if node_rank is None else f" --node-rank {node_rank}"
+    run = run_dir.read_run() if run_dir.run_json.is_file() else {}
+    if exit_code != 0 and run.get("status") == "trained":  # the trained model is kept; see the error
+        print(f"\ndstk train: training finished, but {run['error']}", file=sys.stderr)
+        return
     if exit_code != 0:
         print(f"\ndstk train: the workers failed (exit {exit_code}); their output is above. "
               f"Continue from the last checkpoint with: dstk train {run_dir.recipe} resume=auto{on_node}"
@@ -127,7 +131,6 @@ def print_run_summary(recipe: Recipe, exit_code: int, out=sys.stdout, node_rank:
     if node_rank:  # node 0 keeps the metrics, the model and the summary
         print(f"\ndstk train: node {node_rank} finished; node 0 reports the run", file=out)
         return
-    run = run_dir.read_run()
     print(f"\ndstk train: {_heading(run)}", file=out)
     for label, value in rows(run, _metrics(run_dir)):
         print(f"  {label:<14} {value}", file=out)
