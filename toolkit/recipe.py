@@ -284,7 +284,8 @@ class Recipe(_Strict):
             problems.append("parallel.tensor_parallel > 1 needs parallel.zero_stage 0, 1 or 2 "
                             "(DeepSpeed AutoTP training does not combine with ZeRO-3)")
         if p.tensor_parallel > 1 and p.offload == "cpu":
-            problems.append("parallel.offload=cpu is not supported with tensor_parallel > 1")
+            problems.append("parallel.offload=cpu is not supported with tensor_parallel > 1 (use ZeRO-3 with "
+                            "offload across the ranks instead, or tensor_parallel without offload)")
         if p.pipeline_partition not in ("parameters", "uniform"):
             pattern = p.pipeline_partition.removeprefix("type:")
             try:
@@ -304,7 +305,7 @@ class Recipe(_Strict):
                             "multiple of it (a checkpoint is ranked by the eval loss at its own step)")
         if t.compile and p.pipeline_stages > 1:
             problems.append("train.compile=true cannot run with pipeline_stages > 1: DeepSpeed's pipeline "
-                            "engine runs its layers one by one, outside a compiled model")
+                            "engine runs its layers one by one, outside a compiled model (drop train.compile)")
         if t.compile and (p.zero_stage == 3 or p.tensor_parallel > 1):
             # measured with DeepSpeed 0.19.8: both train correctly, but their hooks and collectives
             # inside the forward break the graph at every layer, and dynamo's recompile limit is hit
@@ -312,7 +313,8 @@ class Recipe(_Strict):
                             "parameter gathers and AutoTP's all-reduces break the compiled graph at every layer")
         if t.packing and p.pipeline_stages > 1:
             problems.append("train.packing=true cannot run with pipeline_stages > 1: DeepSpeed's pipeline "
-                            "engine needs every micro-batch in one shape, and packed ones vary")
+                            "engine needs every micro-batch in one shape, and packed ones vary (drop train.packing, "
+                            "or shard with ZeRO instead of stages)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -350,7 +352,9 @@ class Recipe(_Strict):
             problems.append("lora.quantize_base with pipeline_stages > 1 is not available in this version "
                             "(pipeline stages load their layers in full precision; use ZeRO-3 for QLoRA)")
         if lora.quantize_base != "none" and p.offload == "cpu":
-            problems.append("lora.quantize_base with parallel.offload=cpu is not available in this version")
+            # the optimizer holds only the adapters, a few MB: there is nothing worth offloading
+            problems.append("lora.quantize_base with parallel.offload=cpu is not available: QLoRA's optimizer "
+                            "holds only the adapters, so there is nothing to offload (drop parallel.offload)")
         return problems
 
     @property

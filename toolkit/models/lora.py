@@ -208,6 +208,20 @@ def save_pipeline_adapter(hf_config, config, state: dict[str, torch.Tensor], out
     save_adapter(skeleton, {PEFT_PREFIX + key: tensor for key, tensor in state.items()}, out)
 
 
+def reload(adapter_dir: Path, lora: LoraConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A saved adapter on the base its config names, held as the run trained it (quantized as in
+    ``lora.quantize_base``, in the 4-bit layout training keeps): the model the run's engine was."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization_config(lora, dtype))
+    keep_standard_4bit_layout(model)
+    return PeftModel.from_pretrained(model, adapter_dir)
+
+
 def merge(adapter_dir: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
     """Merge the adapter in ``adapter_dir`` into its full-precision base and save a plain HF model."""
     from peft import AutoPeftModelForCausalLM

@@ -129,6 +129,12 @@ def build(recipe: Recipe, hidden_size: int | None = None) -> dict[str, Any]:
         if found != wanted:
             raise UserError(f"the DeepSpeed config sets {key}={found} but the recipe asks for {wanted}",
                             "make them agree, or write \"auto\" in the config")
+    if p.pipeline_stages > 1 and t.precision == "bf16" and p.zero_stage == 0:
+        # DeepSpeed steps a bf16 pipeline with its BF16 optimizer, which partitions the optimizer
+        # state over the data-parallel ranks at stage 0 too, but checkpoints it per rank only at
+        # stage 1: at 0 a resume crashed (KeyError 0 in 0.19.8), and would have lost the other ranks'
+        # partitions. Stage 1 is the same optimizer, the same memory and the same maths.
+        config["zero_optimization"]["stage"] = 1
     if p.node_local_storage:  # each node's local rank 0 then writes the files rank 0 alone would
         config.setdefault("checkpoint", {})["use_node_local_storage"] = True
     _prefer_torch_adam_on_cpu(config, p.offload)

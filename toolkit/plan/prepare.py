@@ -44,10 +44,7 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
     existing = _existing_run(run_dir, recipe)
     if existing is not None:
         return existing
-    source = resolve_model(recipe.model, recipe.trust_remote_code)
-    model_config = layout.model_config(recipe, source)
-    config = ds_config_module.build(recipe, getattr(model_config, "hidden_size", None))
-    parallel = layout.describe(recipe, model_config)
+    source, config, parallel = validate(recipe)
     data = resolve_all_data(recipe)
     audit_entry = audited if audited is not None else _audit(recipe, source, data, run_dir)
     run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -79,6 +76,22 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
         run.update({key: value for key, value in run_dir.read_run().items() if key == "eval_before"})
     run_dir.write_run(run)
     return run
+
+
+def validate(recipe: Recipe) -> tuple:
+    """Check the recipe against its model without reading data or writing anything: the model
+    resolves, the DeepSpeed config fills, the parallel layout fits the model.
+
+    Returns:
+        The model's :class:`ModelRef`, the filled DeepSpeed config and the layout for run.json.
+
+    Raises:
+        UserError: what cannot run, with the reason.
+    """
+    source = resolve_model(recipe.model, recipe.trust_remote_code)
+    model_config = layout.model_config(recipe, source)
+    config = ds_config_module.build(recipe, getattr(model_config, "hidden_size", None))
+    return source, config, layout.describe(recipe, model_config)
 
 
 def _audit(recipe: Recipe, source, data: dict, run_dir: RunDir) -> dict:

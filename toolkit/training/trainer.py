@@ -89,6 +89,13 @@ class Trainer:
         # nothing), where the model takes transformers' logits_to_keep
         self._targets_only = pack_to is not None and takes_logits_to_keep(engine.module)
         self.comm_clock = CommClock()  # timed on the steps it logs only
+        tp_check = getattr(engine, "first_dataloader_check", None)
+        if pack_to is not None and tp_check is not None:
+            # AutoTP checks on the first forward that the tensor-parallel ranks got the same batch,
+            # but (DeepSpeed 0.19.8) compares a tuple of tensors with != and raises on packed_rows,
+            # so a packed run crashed at its first step without an eval before it, and on every
+            # resume. The ranks draw the same batches by construction (one data-parallel rank).
+            tp_check.remove()
 
     def grad_norm(self) -> float | None:
         """The last step's global gradient norm before clipping (None where it is not known)."""

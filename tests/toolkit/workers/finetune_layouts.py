@@ -31,35 +31,15 @@ parser.add_argument("--local_rank", type=int)  # passed by the launcher
 args, common = parser.parse_known_args()
 
 
-def reload_adapter(folder):
-    """A LoRA run's final/ on the base its adapter config names, quantized as the run held it.
-
-    In the 4-bit layout training keeps (toolkit.models.lora.keep_standard_4bit_layout): the
-    layout bitsandbytes switches to for inference on an AVX512-BF16 CPU computes in bf16, ~5e-3
-    from the standard kernel's logits.
-    """
-    import json
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from toolkit.models.lora import keep_standard_4bit_layout, quantization_config
-    from toolkit.recipe import load_recipe
-
-    lora = load_recipe(folder.parent / "recipe.yaml").lora
-    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
-                                                 quantization_config=quantization_config(lora, torch.float32))
-    keep_standard_4bit_layout(model)
-    return PeftModel.from_pretrained(model, folder)
-
-
 def final_logits(folder):
     from transformers import AutoModelForCausalLM
 
     gc.collect()  # drop a ZeRO-3 HfDeepSpeedConfig so from_pretrained loads plainly
     if (folder / "adapter_config.json").is_file():
-        model = reload_adapter(folder)
+        from toolkit.models.lora import reload
+        from toolkit.recipe import load_recipe
+
+        model = reload(folder, load_recipe(folder.parent / "recipe.yaml").lora)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
