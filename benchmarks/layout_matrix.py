@@ -51,7 +51,8 @@ ADAPTERS = {"none": [], "lora": ["lora.enabled=true", "lora.dropout=0"],
             "qlora-int8": ["lora.enabled=true", "lora.dropout=0", "lora.quantize_base=int8"]}
 # what CI runs: the combinations most likely to break where the others do not
 CI_SLICE = [
-    {"parallel.zero_stage": 3, "train.precision": "bf16", "adapters": "qlora-nf4", "train.packing": True},
+    # QLoRA under ZeRO-3 crashed saving after its last step, once an eval had run (#21)
+    {"parallel.zero_stage": 3, "adapters": "qlora-nf4", "train.packing": True},
     # a bf16 pipeline at ZeRO 0 could not resume (toolkit.plan.ds_config)
     {"parallel.pipeline_stages": 2, "train.precision": "bf16", "train.grad_accum": 2},
     # AutoTP's first-batch check crashed on packed batches when resuming (toolkit.training.trainer)

@@ -6,7 +6,8 @@ console transcript, and each ```yaml recipe is validated. Where a user would wai
 the command is made smaller, never different:
 
 - runs train a few steps: ``train.max_steps=4`` is appended where a line sets no step count itself,
-  and the data is cut to its first records (``data.train_limit``, ``data.eval_limit``);
+  a larger count is cut to 12, and the data to its first records (``data.train_limit``,
+  ``data.eval_limit``);
 - lines that need several hosts (``--node-rank``, a hostfile, SLURM) run with ``--dry-run``, which
   validates everything and prints the launcher command each host would run; ``sbatch`` is a stand-in
   that runs the script as SLURM would on the second node;
@@ -37,6 +38,7 @@ HUB_MODEL = "Qwen/Qwen2.5-0.5B"
 TRAINS = ("dstk train", "dstk verify", "launch/train.py", "launch/node.sh", "launch/hostfile.sh", "sbatch ")
 SEVERAL_HOSTS = ("--node-rank", "launch/node.sh", "launch/hostfile.sh", "sbatch ")
 SMALL_DATA = ["data.train_limit=256", "data.eval_limit=16"]
+MOST_STEPS = 12  # the rollback example goes back to step 8 of a run saved every 4 steps
 
 
 def _blocks() -> list[tuple[int, str, str]]:
@@ -61,6 +63,7 @@ def _smaller(command: str) -> str:
     """The command as this test runs it (see the module docstring)."""
     if not command.startswith(TRAINS) and " launch/train.py " not in command:
         return command
+    command = re.sub(r"train\.max_steps=(\d+)", lambda m: f"train.max_steps={min(int(m[1]), MOST_STEPS)}", command)
     extra = []
     if "train.max_steps=" not in command and "resume=auto" not in command and not command.startswith("dstk verify"):
         extra.append("train.max_steps=4")

@@ -26,10 +26,6 @@ PIPELINES = {"lora_pipe2": "parallel.zero_stage=0,parallel.pipeline_stages=2",
 QLORA = {"qlora_nf4_zero2": "lora.quantize_base=nf4,parallel.zero_stage=2",
          "qlora_nf4_zero3": "lora.quantize_base=nf4,parallel.zero_stage=3",
          "qlora_int8_zero2": "lora.quantize_base=int8,parallel.zero_stage=2"}
-# QLoRA under ZeRO-3 through a whole run: evaluated before and after training (bitsandbytes repacks
-# 4-bit weights on an eval forward), checkpointed every 10 steps, saved at the end, resumed from 20
-LIFE = {"qlora_nf4_zero3_life": "lora.quantize_base=nf4,parallel.zero_stage=3,train.max_steps=30,"
-                                "train.save_steps=10,data.eval=builtin:reverse,data.eval_limit=16"}
 REFERENCES = {"single_lora": "parallel.zero_stage=0",
               "single_lora_tied": "model=tiny-qwen2,parallel.zero_stage=0",
               "single_qlora_nf4": "lora.quantize_base=nf4,parallel.zero_stage=0",
@@ -62,8 +58,8 @@ def runs_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(runs_dir):
     # one data-parallel rank in a 2-stage pipeline accumulates 2 micro-batches, like the reference
-    return run_deepspeed(WORKER, runs_dir, *_layouts({**LORA, **QLORA, **LIFE}, 1), *_layouts(PIPELINES, 2),
-                         "--resume", "lora_zero2:3", "--resume", "qlora_nf4_zero3_life:20", *COMMON, nproc=2,
+    return run_deepspeed(WORKER, runs_dir, *_layouts({**LORA, **QLORA}, 1), *_layouts(PIPELINES, 2),
+                         "--resume", "lora_zero2:3", *COMMON, nproc=2,
                          timeout=1200)
 
 
@@ -98,20 +94,6 @@ def test_resumed_adapter_run_continues_exactly(two_ranks):
     """Rolled back to step 3 and resumed, steps 4-5 repeat the uninterrupted run's losses."""
     for rank in two_ranks:
         assert rank["lora_zero2"]["resumed_losses"] == pytest.approx(rank["lora_zero2"]["losses"][3:], rel=1e-6)
-
-
-def test_qlora_zero3_run_with_eval_finishes_resumes_and_reloads(two_ranks, runs_dir):
-    """Its checkpoints and final save are written, steps 21-30 resumed from step 20 repeat the
-    uninterrupted run (which evaluated before training; the resumed one did not), and final/ on its
-    NF4 base gives the engine's logits."""
-    life = two_ranks[0]["qlora_nf4_zero3_life"]
-    assert len(life["losses"]) == 30 and life["losses"][-1] < 0.9 * life["losses"][0]
-    saved = sorted(p.name for p in (runs_dir / "qlora_nf4_zero3_life" / "checkpoints").glob("step_*"))
-    assert saved == ["step_000010", "step_000020", "step_000030"]
-    for rank in two_ranks:
-        resumed = rank["qlora_nf4_zero3_life"]["resumed_losses"]
-        assert resumed == pytest.approx(rank["qlora_nf4_zero3_life"]["losses"][20:], rel=1e-6)
-    assert life["final_vs_engine"] < 1e-5
 
 
 def test_checkpoint_holds_the_adapters_and_not_the_frozen_base(two_ranks, runs_dir):
