@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import ROOT, user_env
+from toolkit.launching.launcher import free_port
 from toolkit.training.shm_collectives import usable_cores
 
 
@@ -16,7 +17,9 @@ def test_launch_script_trains_zero3_bf16_and_every_rank_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}  # as a user's shell
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "launch/train.py",
+        # its own port: the README's test runs the same launcher on DeepSpeed's default one
+        [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+         "launch/train.py",
          "--recipe", "tiny", f"output_dir={out}", "parallel.zero_stage=3", "train.precision=bf16",
          "train.max_steps=4", "train.log_steps=1", "data.eval_limit=32"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
