@@ -4,7 +4,8 @@ Every pair of values of the recipe keys that shape a run (ZeRO stage, offload, p
 tensor parallelism, precision, adapters, packing, compilation, gradient accumulation) is covered by
 at least one combination, chosen greedily among the combinations validation accepts; a pair no
 accepted combination holds is shown refused, with validation's reason. Each chosen combination then
-lives a whole run on 2 CPU ranks (tests/workers: toolkit's own worker, one launch each), each stage
+lives a whole run on 2 CPU ranks (benchmarks/matrix_worker.py, one launch each, started as the
+suite's multi-rank tests start theirs: tests.multirank, so the test extra is needed), each stage
 pass or FAIL with its first error line:
 
     train      6 steps of the built-in default, a checkpoint at 3 and at 6
@@ -12,9 +13,10 @@ pass or FAIL with its first error line:
     resume     rolled back to step 3 and resumed with resume=auto: steps 4-6 repeat the losses
     export     `dstk export RUN --quant nf4` verifies and writes the export
 
-    python benchmarks/layout_matrix.py                 # the whole matrix (~30-60 min on 2 cores)
+    python benchmarks/layout_matrix.py                 # the whole matrix (~15 min on 2 cores)
     python benchmarks/layout_matrix.py --slice ci      # what CI runs (tests/toolkit/test_layout_matrix.py)
     python benchmarks/layout_matrix.py --list          # the combinations and refused pairs, nothing run
+    python benchmarks/layout_matrix.py --keep          # keep the runs (and each one's log.txt)
 
 The combinations the README's commands name run too (README_NAMED).
 """
@@ -24,16 +26,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.scratch import add_keep_flag, scratch  # noqa: E402  (the checkout first on the path)
 
 FACTORS = {
     "parallel.zero_stage": [0, 1, 2, 3],
@@ -135,35 +136,24 @@ def short(combo: dict) -> str:
 
 
 def run_combo(combo: dict, out: Path, timeout: int) -> dict:
-    """One combination's whole life; the worker's result per stage."""
-    from toolkit.launching.launcher import free_port, remove_shm_buffers
+    """One combination's whole life; the worker's verdict per stage."""
+    from tests.multirank import run_deepspeed
 
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port),
-               str(ROOT / "benchmarks" / "matrix_worker.py"), str(out), *overrides(combo)]
     try:
-        done = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=timeout)
-        log, ending = done.stdout + done.stderr, f"exit {done.returncode}"
-    except subprocess.TimeoutExpired as stopped:
-        log, ending = _text(stopped.stdout) + _text(stopped.stderr), f"timed out after {timeout} s"
-    finally:
-        remove_shm_buffers(port)
+        return run_deepspeed(ROOT / "benchmarks" / "matrix_worker.py", out.resolve(), *overrides(combo),
+                             timeout=timeout)[0]
+    except RuntimeError as err:  # a FAIL (every rank exits 1), a crash or a timeout: the output says
+        log = str(err)
     (out / "log.txt").write_text(log)
-    result_file = out / "stages.json"
+    result_file = out / "stages.json"  # rank 0's verdicts, written after each stage
     stages = json.loads(result_file.read_text()) if result_file.is_file() else {}
     pending = next((stage for stage in STAGES if stage not in stages), None)
     if pending is not None and not any(verdict.startswith("FAIL") for verdict in stages.values()):
         errors = [line.strip() for line in log.splitlines() if "Error" in line]
-        stages[pending] = f"FAIL: {ending}: " + (errors[-1][:200] if errors else "no error line")
+        ending = log.splitlines()[0] if log else "no output"
+        stages[pending] = f"FAIL: {ending[:80]}: " + (errors[-1][:200] if errors else "no error line")
     return stages
-
-
-def _text(output) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def table(rows: list[tuple[dict, dict]], refused: dict) -> str:
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slice", choices=("all", "ci"), default="all")
     parser.add_argument("--list", action="store_true", help="print the combinations and refused pairs only")
-    parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary folder, deleted)")
+    add_keep_flag(parser, "a few GB")
     parser.add_argument("--timeout", type=int, default=900, help="seconds a combination may take")
     args = parser.parse_args(argv)
     chosen, refused = plan()
@@ -197,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table([(combo, {}) for combo in chosen], refused))
         return 0
     rows = []
-    with tempfile.TemporaryDirectory(prefix="dstk-matrix-") as scratch:
-        root = args.out or Path(scratch)
+    with scratch("dstk-matrix-", args.keep) as root:
         for i, combo in enumerate(chosen):
             stages = run_combo(combo, root / f"combo{i:02d}", args.timeout)
             rows.append((combo, stages))

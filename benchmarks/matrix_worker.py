@@ -2,7 +2,8 @@
 
 Usage: deepspeed --num_gpus 2 benchmarks/matrix_worker.py OUT [key=value ...]
 Writes OUT/stages.json on rank 0 after each stage: "pass" or "FAIL: the first line of what went
-wrong"; at the first FAIL every rank exits 1 (tracebacks on stderr).
+wrong"; at the first FAIL every rank exits 1 (tracebacks on stderr), and after the last stage
+every rank hands the verdicts back through tests.multirank.write_result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.layout_matrix import STAGES
+from tests.multirank import write_result
 from toolkit import finetune
 from toolkit.checkpoints.store import list_checkpoints, tag
 from toolkit.models.lora import reload
@@ -150,6 +152,7 @@ def main() -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
+    write_result(stages)
     return 0
 
 

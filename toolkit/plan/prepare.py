@@ -19,7 +19,7 @@ import yaml
 from data_checks.files import sha256_file
 from toolkit.data import builtin
 from toolkit.errors import AuditFailed, UserError
-from toolkit.models.loading import resolve_model
+from toolkit.models.loading import ModelRef, resolve_model
 from toolkit.models.presets import build_preset
 from toolkit.plan import ds_config as ds_config_module
 from toolkit.plan import layout
@@ -78,7 +78,7 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
     return run
 
 
-def validate(recipe: Recipe) -> tuple:
+def validate(recipe: Recipe) -> tuple[ModelRef, dict, dict]:
     """Check the recipe against its model without reading data or writing anything: the model
     resolves, the DeepSpeed config fills, the parallel layout fits the model.
 
