@@ -28,7 +28,7 @@ from toolkit.data.formats import encode
 from toolkit.data.records import load_records
 from toolkit.errors import UserError
 from toolkit.loss import next_token_sum, scored
-from toolkit.models.loading import check_causal_lm, check_weights
+from toolkit.models.loading import check_causal_lm, check_weights, placement
 from toolkit.recipe import DataConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -105,9 +105,7 @@ def load(model_dir: str | Path, *, quantization_config=None, trust_remote_code: 
         raise UserError(f"{model_dir}: no such directory", "give a Hugging Face model directory")
     check_causal_lm(model_dir, trust_remote_code=trust_remote_code)
     check_weights(model_dir)
-    # One device for the whole model, never "auto": the same weights must land on the same device
-    # in every process, or verification would compare two different placements.
-    options = {"device_map": {"": 0}} if torch.cuda.is_available() else {}
+    options = placement()  # one device: verification must compare the same placement in every process
     if quantization_config is not None:
         # Only when given: transformers 5 treats an explicit None as "load unquantized", and a
         # quantized directory's weights would then no longer fit its own layers.

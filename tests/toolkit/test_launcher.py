@@ -54,3 +54,28 @@ def test_a_node_that_sees_other_data_than_node_0_says_which(tmp_path):
     (folder / "part0.jsonl").unlink()
     assert data_problems(data) == [f"data.train file {train} differs from node 0's",
                                    f"data.eval file {folder / 'part0.jsonl'} is missing"]
+
+
+def test_more_ranks_than_the_hosts_gpus_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """NCCL cannot share a GPU between ranks: the default recipe's 2 ranks on a 1-GPU host would
+    fail in every worker after the audit; the launcher refuses first and says what to set."""
+    import pytest
+
+    from toolkit.errors import UserError
+    from toolkit.launching import launcher
+    from toolkit.recipe import load_recipe
+
+    class OneGpu:  # what DeepSpeed's CUDA accelerator answers on a one-GPU host
+        def device_name(self):
+            return "cuda"
+
+        def device_count(self):
+            return 1
+
+    monkeypatch.setattr(launcher, "get_accelerator", OneGpu)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"parallel.nproc=2 starts 2 ranks on this host, which has 1 CUDA.*"
+                                        r"set parallel.nproc=1"):
+        launcher.launch(load_recipe("tiny", [f"output_dir={out}"]))
+    assert not out.exists()
+    launcher.check_devices(load_recipe("tiny", ["parallel.nproc=1"]))  # one rank fits

@@ -32,7 +32,7 @@ def test_every_template_fills_from_recipe(stage, offload, extra):
     assert config["optimizer"]["params"]["lr"] == 0.01
 
 
-def test_cpu_training_uses_torchs_fused_adamw_unless_the_config_chooses(tmp_path):
+def test_training_uses_torchs_fused_adamw_unless_the_config_chooses(tmp_path):
     config = ds_config.build(load_recipe("tiny"))
     assert config["optimizer"]["params"]["torch_adam"] is True and config["optimizer"]["params"]["fused"] is True
     mine = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())

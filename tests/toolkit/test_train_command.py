@@ -65,6 +65,9 @@ def test_the_run_report_says_what_the_run_directory_says(default_run):
     assert f"| communication | {sum(comm) / len(comm):.0%} of step time" in report
     routed = run["result"]["shm_collectives"]  # the default's 2 ranks, each with a core of its own
     assert routed == (usable_cores() >= 2) and ("collectives through shared memory" in report) == routed
+    assert run["runtime"] == {"accelerator": "cpu", "comm_backend": "gloo",  # the CPU path, as chosen for it
+                              "optimizer": "torch.optim.adamw.AdamW (fused)", "attention": "sdpa"}
+    assert "| runtime | cpu, gloo, torch.optim.adamw.AdamW (fused), sdpa attention |" in report
     assert f"| audit | {run['audit']['verdict']}" in report and "](report.png)" in report
     picture = (out / "report.png").read_bytes()
     assert picture.startswith(b"\x89PNG\r\n\x1a\n") and len(picture) > 10_000  # three drawn panels, not a blank

@@ -19,6 +19,7 @@ from pathlib import Path
 from deepspeed.accelerator import get_accelerator
 
 from toolkit import quiet
+from toolkit.errors import UserError
 from toolkit.launching import nodes
 from toolkit.plan.prepare import prepare
 from toolkit.recipe import Recipe
@@ -54,6 +55,21 @@ def command(recipe: Recipe, run_dir: Path, port: int, node_rank: int | None = No
     return [*head, "--master_port", str(port), "--module", "toolkit.launching.worker", "--run-dir", str(run_dir.resolve())]
 
 
+def check_devices(recipe: Recipe) -> None:
+    """Refuse more ranks on this host than it has accelerators: NCCL cannot share a GPU between ranks.
+
+    On a CPU every rank is a process, and any number runs.
+    """
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return
+    here, devices = recipe.parallel.nproc // recipe.parallel.nodes, accelerator.device_count()
+    if here > devices:
+        name = accelerator.device_name().upper()
+        raise UserError(f"parallel.nproc={recipe.parallel.nproc} starts {here} ranks on this host, which has "
+                        f"{devices} {name} device(s)", f"set parallel.nproc={devices * recipe.parallel.nodes}")
+
+
 def worker_env(recipe: Recipe) -> dict[str, str]:
     env = dict(os.environ)
     # Each rank gets its share of the cores; oversubscribed OpenMP threads slow every rank down.
@@ -80,6 +96,8 @@ def launch(recipe: Recipe, node_rank: int | None = None, dry_run: bool = False) 
     nodes.check_node_rank(recipe, node_rank)
     if recipe.parallel.hostfile is not None:
         nodes.check_hostfile(recipe)
+    else:
+        check_devices(recipe)
     run_dir = RunDir(Path(recipe.output_dir))
     port = nodes.master_port(recipe) or free_port()
     with tempfile.TemporaryDirectory(prefix="dstk-launch-") as scratch:

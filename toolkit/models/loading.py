@@ -141,6 +141,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def placement() -> dict[str, Any]:
+    """``from_pretrained``'s placement: the whole model on this process's GPU when there is one.
+
+    One device, never "auto": the same weights must land on the same device in every process that
+    loads them, and bitsandbytes quantizes on the device the weights land on.
+    """
+    return {"device_map": {"": torch.cuda.current_device()}} if torch.cuda.is_available() else {}
+
+
 def load_for_training(path: str, ds_config: dict[str, Any], precision: str, trust_remote_code: bool = False,
                       quantization=None, attention: str | None = None) -> tuple[torch.nn.Module, Any]:
     """Load the model in ``path`` the way ``ds_config`` will train it.
@@ -161,7 +170,7 @@ def load_for_training(path: str, ds_config: dict[str, Any], precision: str, trus
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[precision], trust_remote_code=trust_remote_code, quantization_config=quantization,
             use_safetensors=True, **({"attn_implementation": attention} if attention else {}),
-        )
+        )  # no device_map: ZeRO-3 refuses one; bitsandbytes quantizes on the current GPU, the rank's own
     except (OSError, ValueError) as err:
         raise UserError(f"could not load model {path!r}: {str(err).splitlines()[0]}",
                         "pass a directory saved with save_pretrained or a reachable hub id") from None

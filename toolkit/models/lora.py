@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from toolkit.errors import UserError
-from toolkit.models.loading import empty_model
+from toolkit.models.loading import empty_model, placement
 from toolkit.models.pipeline.convert import meta_model
 from toolkit.recipe import LoraConfig
 
@@ -217,7 +217,8 @@ def reload(adapter_dir: Path, lora: LoraConfig, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM
 
     base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization_config(lora, dtype))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization_config(lora, dtype),
+                                                 **placement())
     keep_standard_4bit_layout(model)
     return PeftModel.from_pretrained(model, adapter_dir)
 

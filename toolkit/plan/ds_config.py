@@ -137,26 +137,25 @@ def build(recipe: Recipe, hidden_size: int | None = None) -> dict[str, Any]:
         config["zero_optimization"]["stage"] = 1
     if p.node_local_storage:  # each node's local rank 0 then writes the files rank 0 alone would
         config.setdefault("checkpoint", {})["use_node_local_storage"] = True
-    _prefer_torch_adam_on_cpu(config, p.offload)
+    _prefer_torch_fused_adam(config, p.offload)
     return config
 
 
-def _prefer_torch_adam_on_cpu(config: dict[str, Any], offload: str) -> None:
-    """Without an accelerator, train with torch's AdamW rather than DeepSpeed's CPU FusedAdam.
+def _prefer_torch_fused_adam(config: dict[str, Any], offload: str) -> None:
+    """Train with torch's fused AdamW rather than DeepSpeed's FusedAdam, on a CPU and on a GPU.
 
-    Both make the same decoupled-weight-decay Adam update, but FusedAdam is an op that DeepSpeed
-    compiles with g++ on first use (minutes, and a ``lock`` file that hangs every later job if the
-    build is killed). Offload keeps DeepSpeed's CPU Adam, which it requires; a config that sets
-    ``torch_adam`` itself is left as it is.
+    Both make the same decoupled-weight-decay Adam update in one multi-tensor kernel on a GPU, but
+    DeepSpeed's is an op it compiles at first use (nvcc on a GPU, g++ on a CPU: a minute or more,
+    a compiler matching torch's CUDA, and a ``lock`` file that hangs every later job if the build
+    is killed); torch's ships compiled. Offload keeps DeepSpeed's CPU Adam, which it requires; a
+    config that sets ``torch_adam`` itself is left as it is.
 
-    torch's fused CPU kernel (``fused``) updates in one pass. Its default loop form makes
+    On a CPU torch's fused kernel (``fused``) updates in one pass where its default loop form makes
     temporaries as large as what it updates, and ZeRO hands it one flat fp32 tensor per group, the
     rank's whole partition.
     """
-    import torch
-
     optimizer = config.get("optimizer", {})
-    if offload == "none" and not torch.cuda.is_available() and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
+    if offload == "none" and str(optimizer.get("type", "")).lower() in ("adam", "adamw") \
             and "torch_adam" not in optimizer.get("params", {}):
         optimizer.setdefault("params", {}).update(torch_adam=True, fused=True)
 

@@ -49,6 +49,7 @@ from toolkit.training.metrics import (
     per_rank,
 )
 from toolkit.training.report import write_report
+from toolkit.training.runtime import runtime
 from toolkit.training.shm_collectives import route_through_shared_memory, usable_cores
 from toolkit.training.trainer import PipelineTrainer, Trainer
 
@@ -110,6 +111,8 @@ def _join(recipe: Recipe) -> None:
     if not torch.cuda.is_available():
         keep_freed_memory()
     _quiet_libraries()
+    if torch.cuda.is_available():  # before the model loads: a quantized base lands on the current GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     _init_distributed(recipe)
     # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
     # garbage-collected, which ranks do at different times: rank 0's meta-device parameter count
@@ -240,7 +243,7 @@ def _train(recipe: Recipe, run: dict) -> FinetuneResult:
     if eval_before is not None:
         logger.log_eval(start, eval_before)
     if rank == 0:  # a resumed run keeps the first attempt's evaluation before training
-        run_dir.write_run({**run_dir.read_run(), "status": "running",
+        run_dir.write_run({**run_dir.read_run(), "status": "running", "runtime": runtime(engine),
                            **({"eval_before": vars(eval_before)} if eval_before is not None else {})})
 
     def save(step: int, metrics: dict) -> None:
@@ -259,6 +262,8 @@ def _train(recipe: Recipe, run: dict) -> FinetuneResult:
                 "model_state_mb_per_rank": per_rank(model_state_mb(engine)), "shm_collectives": shm_collectives,
                 "kept_zero_buffers": kept_zero_buffers,
                 "threads_per_rank": [int(n) for n in per_rank(torch.get_num_threads(), digits=0)]}
+    if not on_cpu:  # what the GPU held at most: tensors allocated, not the caching allocator's reserve
+        measured["peak_gpu_mb_per_rank"] = per_rank(torch.cuda.max_memory_allocated() / 2**20)
     result = FinetuneResult(
         output_dir=run_dir.root, final_dir=run_dir.final, steps=t.max_steps,
         losses=[line["loss"] for line in lines if "loss" in line],

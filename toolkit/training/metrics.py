@@ -22,17 +22,22 @@ def _own_peak_rss_mb() -> torch.Tensor:
     return torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # KiB -> MiB
 
 
+def for_collectives(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where the process group's backend takes it: NCCL reduces GPU tensors only."""
+    return tensor.to(torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor
+
+
 def peak_rss_mb() -> float:
     """Largest resident memory of any rank so far, in MiB (a collective call)."""
-    mine = _own_peak_rss_mb()
+    mine = for_collectives(_own_peak_rss_mb())
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
     return round(mine.item(), 1)
 
 
 def per_rank(value: float, digits: int = 1) -> list[float]:
     """Every rank's ``value``, by rank, rounded to ``digits`` (a collective call)."""
-    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, torch.tensor([value], dtype=torch.float64))
+    every = [for_collectives(torch.zeros(1, dtype=torch.float64)) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, for_collectives(torch.tensor([value], dtype=torch.float64)))
     return [round(t.item(), digits) for t in every]
 
 

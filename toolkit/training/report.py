@@ -70,11 +70,17 @@ def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
     if comm:
         path = "; collectives through shared memory" if result.get("shm_collectives") else ""
         found.append(("communication", f"{_mean(comm):.0%} of step time (mean of logged steps and ranks){path}"))
+    if "runtime" in run:
+        rt = run["runtime"]
+        found.append(("runtime", f"{rt['accelerator']}, {rt['comm_backend']}, {rt['optimizer']}, "
+                                 f"{rt['attention']} attention"))
     params = parallel["parameters"]
     found.append(("parameters", f"{params['trainable']:,} trained of {params['total']:,}"
                                 + (" (LoRA adapters)" if run.get("lora") else "")))
     if "peak_rss_mb_per_rank" in result:
         found.append(("peak memory", f"{_by_rank(result['peak_rss_mb_per_rank'])} MiB resident, by rank"))
+    if "peak_gpu_mb_per_rank" in result:
+        found.append(("peak GPU memory", f"{_by_rank(result['peak_gpu_mb_per_rank'])} MiB allocated, by rank"))
     if "model_state_mb_per_rank" in result:
         found.append(("model states", f"{_by_rank(result['model_state_mb_per_rank'])} MiB "
                                       "(weights, gradients, optimizer), by rank"))

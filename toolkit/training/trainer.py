@@ -24,7 +24,7 @@ from toolkit.data.packing import pack
 from toolkit.loss import IGNORE, cross_entropy_sum, next_token_sum, scored
 from toolkit.training.comms import CommClock
 from toolkit.training.divergence import Diverged, DivergenceGuard
-from toolkit.training.metrics import MetricsLogger, per_rank
+from toolkit.training.metrics import MetricsLogger, for_collectives, per_rank
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -192,6 +192,7 @@ class Trainer:
             correct = ((hit | ~mask).all(dim=1) & has_target).sum()
             sums += torch.tensor([loss.item(), mask.sum().item(), correct.item(),
                                   has_target.sum().item(), real.sum().item()], dtype=torch.float64)
+        sums = for_collectives(sums)
         dist.all_reduce(sums)
         loss_sum, tokens, correct, records, held_out = (sums / self.replicas).tolist()
         return EvalScore(loss_sum / max(tokens, 1), correct / max(records, 1), int(records), int(held_out - records))
