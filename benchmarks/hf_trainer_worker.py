@@ -105,7 +105,7 @@ def main() -> None:
         raise SystemExit("the Trainer is not running DeepSpeed on every rank: the comparison would be unfair")
     trainer.train()
     # every rank counted its own micro-batches; the step's real tokens are their sum
-    mine = torch.tensor([clock.tokens], dtype=torch.float64)
+    mine = torch.tensor([clock.tokens], dtype=torch.float64, device=training.device)  # NCCL reduces GPU tensors
     torch.distributed.all_reduce(mine)
     from toolkit.training.metrics import model_state_mb, peak_rss_mb_per_rank, per_rank
 

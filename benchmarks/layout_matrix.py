@@ -135,14 +135,17 @@ def short(combo: dict) -> str:
     return " ".join(parts) or "defaults"
 
 
-def run_combo(combo: dict, out: Path, timeout: int) -> dict:
-    """One combination's whole life; the worker's verdict per stage."""
+def run_combo(combo: dict, out: Path, timeout: int, extra: tuple[str, ...] = (), nproc: int = 2) -> dict:
+    """One combination's whole life on ``nproc`` ranks; the worker's verdict per stage.
+
+    ``extra`` overrides come last (another model, ``parallel.nproc``: the GPU checks' one rank).
+    """
     from tests.multirank import run_deepspeed
 
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return run_deepspeed(ROOT / "benchmarks" / "matrix_worker.py", out.resolve(), *overrides(combo),
-                             timeout=timeout)[0]
+        return run_deepspeed(ROOT / "benchmarks" / "matrix_worker.py", out.resolve(), *overrides(combo), *extra,
+                             nproc=nproc, timeout=timeout)[0]
     except RuntimeError as err:  # a FAIL (every rank exits 1), a crash or a timeout: the output says
         log = str(err)
     (out / "log.txt").write_text(log)

@@ -20,11 +20,13 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from benchmarks.layout_matrix import STAGES
 from tests.multirank import write_result
 from toolkit import finetune
 from toolkit.checkpoints.store import list_checkpoints, tag
+from toolkit.models.loading import placement
 from toolkit.models.lora import reload
 from toolkit.recipe import load_recipe
 
@@ -64,14 +66,14 @@ def engine_logits(engine, ids: torch.Tensor) -> torch.Tensor | None:
 def final_logits(folder: Path, recipe, ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    gc.collect()  # drop a ZeRO-3 HfDeepSpeedConfig so from_pretrained loads plainly
+    unset_hf_deepspeed_config()  # the trained ZeRO-3 engine's: from_pretrained loads plainly, where it is told
     dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
     if recipe.lora.enabled:
         model = reload(folder, recipe.lora, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:  # on the engine's device: a CPU's bf16 kernels round otherwise than a GPU's
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement())
     with torch.no_grad():
-        return model.eval()(input_ids=ids).logits.float()
+        return model.eval()(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

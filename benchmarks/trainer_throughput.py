@@ -5,7 +5,8 @@
 
 Every side trains the same ~70M-parameter LLaMA (width 768, 9 layers, a 4,096-token BPE trained on
 the data) from the same initial weights, with the same resolved DeepSpeed config (ZeRO-2, AdamW,
-warm-up + cosine; bf16 where the cores multiply bf16 fast, else fp32), on 2 ranks, the same global
+warm-up + cosine; bf16 where the cores multiply bf16 fast, else fp32), on 2 CPU ranks or one rank
+per GPU (--nproc; benchmarks/gpu_check.sh runs a 16-layer 119M model on one GPU), the same global
 batch size and the same number of steps, and the same encoded records (prompt masked, EOS
 appended, at most --seq-len tokens). The sides:
 
@@ -26,8 +27,8 @@ steps, and the ``wall`` column gives each run's whole time, start-up and compila
 The sides take turns over --repeats rounds, in reversed order every other round, so that a slow
 spell of a shared machine falls on every side; a side's figure is its tokens over its seconds in
 all rounds. Model-FLOP utilisation is 6 x parameters x tokens/s over the matmul peak of this
-machine's cores in the training precision, measured here in the same run (a 1024x1024 matmul on
-one core, times the ranks). CPUs without bf16 units (no AVX512-BF16 or AMX) multiply bf16 some 50x
+machine's cores or GPUs in the training precision, measured here in the same run (a 1024x1024
+matmul on one core or an 8192x8192 one on a GPU, times the ranks). CPUs without bf16 units (no AVX512-BF16 or AMX) multiply bf16 some 50x
 slower than fp32. Each side's final model (of its last round) is scored by the same evaluator
 (``toolkit.inference.evaluate``, token-mean loss) on held-out records.
 """
@@ -47,7 +48,6 @@ from scratch import add_keep_flag, scratch
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 GOALS = {"variable": 2.0, "fixed": 1.5}
-NPROC = 2
 
 
 def load_gsm8k(limit: int | None = None) -> tuple[list[dict], list[dict]]:
@@ -117,10 +117,36 @@ def build_model(folder: Path, texts: list[str], layers: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matmul_peak_per_core(dtype: str, size: int = 1024, seconds: float = 2.0) -> float:
-    """FLOP/s of one core on a square matmul in ``dtype`` (what the model's matmuls could reach): the
-    fastest of the matmuls run in ``seconds``, so that a slow spell of a shared machine does not
-    lower the peak and inflate the utilisation set against it."""
+def matmul_peak_per_rank(dtype: str, seconds: float = 2.0) -> float:
+    """FLOP/s of what one rank computes on (a GPU, else one core) on a square matmul in ``dtype``,
+    what the model's matmuls could reach: the fastest of the matmuls run in ``seconds``, so that a
+    slow spell of a shared machine does not lower the peak and inflate the utilisation set against it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return _gpu_matmul_peak(dtype, seconds)
+    return _core_matmul_peak(dtype, seconds)
+
+
+def _gpu_matmul_peak(dtype: str, seconds: float, size: int = 8192) -> float:
+    import torch
+
+    a, b = (torch.randn(size, size, device="cuda", dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+            for _ in "ab")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fastest, began = float("inf"), time.perf_counter()
+    for _ in range(3):  # clocks up, kernels chosen
+        a @ b
+    while time.perf_counter() - began < seconds:
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        fastest = min(fastest, start.elapsed_time(end) / 1e3)
+    return 2 * size**3 / fastest
+
+
+def _core_matmul_peak(dtype: str, seconds: float, size: int = 1024) -> float:
     import torch
 
     threads = torch.get_num_threads()
@@ -144,7 +170,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def run_dstk(model: Path, train: Path, out: Path, fields: dict, args, packing: bool) -> dict:
     overrides = [f"model={model}", f"output_dir={out}", f"data.train={train}", "data.eval=null",
-                 *(f"data.{k}={v}" for k, v in fields.items()), f"parallel.nproc={NPROC}", "parallel.zero_stage=2",
+                 *(f"data.{k}={v}" for k, v in fields.items()), f"parallel.nproc={args.nproc}", "parallel.zero_stage=2",
                  f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch_size}",
                  "train.grad_accum=1", f"train.seq_len={args.seq_len}", "train.lr=3e-4", f"train.precision={args.precision}",
                  "train.log_steps=1", "train.save_steps=0", "train.eval_steps=0", f"train.packing={str(packing).lower()}",
@@ -165,7 +191,7 @@ def run_dstk(model: Path, train: Path, out: Path, fields: dict, args, packing: b
 def run_trainer(model: Path, train: Path, out: Path, fields: dict, ds_config: Path, args, compile: bool) -> dict:
     start = time.perf_counter()
     figures = hf_trainer_worker.run(model, train, fields, args.seq_len, ds_config, out, args.steps, args.warmup_steps,
-                                    nproc=NPROC, compile=compile)
+                                    nproc=args.nproc, compile=compile)
     return {"tokens": figures["tokens"], "seconds": figures["elapsed_s"], "wall_s": time.perf_counter() - start,
             "final": out}
 
@@ -198,8 +224,10 @@ def compare(name: str, work: Path, rows: list[dict], held_out: list[dict], field
         each = " ".join(f"{r['tokens'] / r['seconds']:.0f}" for r in results)
         loss = eval_loss(results[-1]["final"], held_out, fields, args.seq_len)
         wall = sum(r["wall_s"] for r in results) / len(results)
-        print(f"{name:9}{side:16}{rates[side]:>10.0f}{6 * args.params * rates[side] / args.peak:>8.1%}"
-              f"{loss:>11.4f}{wall:>8.0f}  {each}", flush=True)
+        mfu = 6 * args.params * rates[side] / args.peak
+        print(f"{name:9}{side:16}{rates[side]:>10.0f}{mfu:>8.1%}{loss:>11.4f}{wall:>8.0f}  {each}", flush=True)
+        args.rows.append({"data": name, "side": side, "tokens_per_s": rates[side], "mfu": mfu, "eval_loss": loss,
+                          "wall_s": wall})
     return rates
 
 
@@ -215,34 +243,46 @@ def main() -> int:
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 where this machine's cores multiply in bf16 at least twice as fast as fp32")
     parser.add_argument("--no-trainer-compile", action="store_true", help="leave out the Trainer+compile side")
+    parser.add_argument("--nproc", type=int, help="ranks (default: the GPUs here, else 2 CPU ranks)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     add_keep_flag(parser, "some 5 GB of checkpoints for both data sets")
     args = parser.parse_args()
+    import torch
+
     if not 1 <= args.warmup_steps < args.steps:
         parser.error("--warmup-steps must be at least 1 and fewer than --steps (timing starts after one)")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1 (each side runs once per round)")
 
-    peaks = {dtype: matmul_peak_per_core(dtype) for dtype in ("fp32", "bf16")}
+    args.unit = "GPU" if torch.cuda.is_available() else "core"
+    args.nproc = args.nproc or torch.cuda.device_count() or 2
+    peaks = {dtype: matmul_peak_per_rank(dtype) for dtype in ("fp32", "bf16")}
     if args.precision == "auto":
         args.precision = "bf16" if peaks["bf16"] >= 2 * peaks["fp32"] else "fp32"
-    print(f"matmul peak per core: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
-          f"-> training in {args.precision}")
+    print(f"matmul peak per {args.unit}: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
+          f"GFLOP/s -> training in {args.precision}")
 
+    args.rows = []
     with scratch("dstk-vs-trainer-", args.keep) as work:
         verdicts = measure(work, args, peaks[args.precision])
+    if args.json:
+        args.json.write_text(json.dumps({
+            "parameters": args.params, "precision": args.precision, "ranks": args.nproc, "rank_unit": args.unit,
+            "peak_flops": args.peak, "steps": args.steps, "warmup_steps": args.warmup_steps, "seq_len": args.seq_len,
+            "micro_batch_size": args.micro_batch_size, "rows": args.rows}, indent=1) + "\n")
     return 0 if all(verdicts) else 1
 
 
-def measure(work: Path, args: argparse.Namespace, peak_per_core: float) -> list[bool]:
+def measure(work: Path, args: argparse.Namespace, peak_per_rank: float) -> list[bool]:
     """Print the table and the ratios, data set by data set; return whether each met its goal."""
-    needed = args.steps * args.micro_batch_size * NPROC * 4
+    needed = args.steps * args.micro_batch_size * args.nproc * 4
     train_rows, eval_rows = load_gsm8k(needed) if GSM8K.is_dir() else generated(needed)
     source = "GSM8K" if GSM8K.is_dir() else "generated GSM8K-like records"
     args.params = build_model(work / "model", [r["prompt"] + r["response"] for r in train_rows], args.layers)
-    args.peak = NPROC * peak_per_core
-    print(f"LLaMA {args.params / 1e6:.1f}M parameters, ZeRO-2 {args.precision}, {NPROC} ranks, {args.steps} steps of "
-          f"{args.micro_batch_size * NPROC} records, seq_len {args.seq_len}, {args.repeats} rounds; {args.precision} "
-          f"matmul peak of {NPROC} cores: {args.peak / 1e9:.0f} GFLOP/s")
+    args.peak = args.nproc * peak_per_rank
+    print(f"LLaMA {args.params / 1e6:.1f}M parameters, ZeRO-2 {args.precision}, {args.nproc} ranks, {args.steps} steps "
+          f"of {args.micro_batch_size * args.nproc} records, seq_len {args.seq_len}, {args.repeats} rounds; "
+          f"{args.precision} matmul peak of {args.nproc} {args.unit}s: {args.peak / 1e9:.0f} GFLOP/s")
     sets = {"variable": (train_rows, eval_rows, {"format": "instruction"}, True),
             "fixed": (fixed_length(train_rows), fixed_length(eval_rows), {"format": "text"}, False)}
     sides = ["dstk", "Trainer"] + ([] if args.no_trainer_compile else ["Trainer+compile"])
