@@ -138,7 +138,7 @@ def _scan_all(sources: list[Source], policy: AuditPolicy, max_tokens, count_toke
                 plan = ScanPlan(
                     minhasher=minhasher, shingle_words=dup.shingle_words,
                     held_ngram=ngram if role != "train" else None,
-                    reference_ngram=ngram if targets else None,
+                    reference_ngram=ngram if targets else None, numbers_as_one=con.numbers_as_one,
                     pii_kinds=pii_kinds if role != "benchmark" else (),
                     responses=policy.poisoning.enabled and role == "train")
                 scans[index] = scan_split(source, starts[index], plan, executor, vocabulary if targets else None,

@@ -94,11 +94,17 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> _U64(31))
 
 
-def word_hashes(normalized: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+# The hash of every number word, where numbers do not matter (contamination).
+NUMBER = mix64(np.array([0x4E554D42455253], _U64))[0]
+
+
+def word_hashes(normalized: Sequence[bytes], numbers_as_one: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Hash every word of a batch of normalized texts.
 
     Args:
         normalized: Output of :func:`normalize`.
+        numbers_as_one: Give every word that starts with a digit the one hash :data:`NUMBER`, so
+            that a text with its numbers swapped (``"12 apples"`` / ``"7 apples"``) hashes alike.
 
     Returns:
         ``(hashes, owners)``: uint64 hash per word in reading order, and the int64 index of the text
@@ -118,6 +124,8 @@ def word_hashes(normalized: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     weighted = (data.astype(_U64) + _U64(1)) * _OFFSET_MULTIPLIERS[offsets]
     weighted[boundary] = 0
     hashes = mix64(np.add.reduceat(weighted, starts))
+    if numbers_as_one:  # a word that starts with a digit: 12, 2 (of 2.5), 3rd, 5pm; not a code like ab12
+        hashes[(data[starts] >= 0x30) & (data[starts] <= 0x39)] = NUMBER
     owners = np.searchsorted(np.flatnonzero(data == 0x00), starts).astype(np.int64)
     return hashes, owners
 

@@ -93,24 +93,36 @@ class DuplicatePolicy(_Strict):
 
 
 class ContaminationPolicy(_Strict):
-    """N-gram overlap of eval and benchmark items with the training data."""
+    """How much of each eval and benchmark item the training data covers with shared n-grams."""
 
     enabled: bool = Field(default=True, description="Run the n-gram contamination check.")
     ngram: int = Field(
-        default=13, ge=3, le=64,
-        description="Words per n-gram (13 as in GPT-3's and lm-eval's decontamination). Items with "
-        "fewer words are left to the exact and near duplicate checks.",
+        default=5, ge=3, le=64,
+        description="Words per n-gram. 5 keeps a copy found when one word in ten is edited (each edit "
+        "breaks only the n-grams across it); different problems are told apart by needing one record to "
+        "cover the item (benchmarks/contamination_recall.py measures both). Items with fewer words are "
+        "left to the exact and near duplicate checks.",
     )
-    min_overlap: float = Field(
-        default=0.7, gt=0.0, le=1.0,
-        description="Fraction of an item's n-grams found in the reference data that makes it "
-        "contaminated (0.7 as in PaLM's contamination study; lower values flag items that only share "
-        "a phrasing template). Compared text: the prompt (instruction), the user turns (chat), the text.",
+    min_coverage: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="Fraction of an item's words inside n-grams found in the reference data that makes "
+        "it contaminated: scattered edits, swapped numbers and reordered sentences leave most words "
+        "covered. Compared text: the prompt (instruction), the user turns (chat), the text.",
+    )
+    min_span: int = Field(
+        default=50, ge=3,
+        description="Words in one run of consecutive shared n-grams that makes an item contaminated "
+        "whatever its coverage: a long passage copied from a longer item.",
+    )
+    numbers_as_one: bool = Field(
+        default=True,
+        description="Words that start with a digit (12, 3rd, 5pm) compare equal, so an item with its "
+        "numbers swapped (a GSM8K-style rewrite) is still found.",
     )
     boilerplate_fraction: float = Field(
         default=0.01, gt=0.0, le=1.0,
         description="An n-gram found in at least this fraction of one set's items (and in 3 or more) "
-        "is template boilerplate, not content, and is ignored.",
+        "is template boilerplate, not content: it neither covers nor counts.",
     )
 
 

@@ -198,6 +198,11 @@ class AuditReport:
             if pairs and "a_text" in pairs[0]:
                 out += self._side_by_side(pairs[:_MD_PAIRS_SHOWN], finding.evidence.get("pairs_total", len(pairs)))
             evidence = {k: v for k, v in finding.evidence.items() if k != "pairs"} if pairs else finding.evidence
+            if "item_marked" in evidence:  # contamination: the item beside the record, shared words in bold
+                out += ["", "| item | record | coverage |", "|---|---|---|",
+                        f"| {_cell(evidence['item_marked'])} | {_cell(evidence['reference_marked'])} | "
+                        f"{evidence['coverage']:.0%} |"]
+                evidence = {k: v for k, v in evidence.items() if not k.endswith("_marked")}
             out += ["", "```json", json.dumps(evidence, ensure_ascii=False), "```"]
         counts = Counter(f.check for f in self.findings)
         for check, n in counts.items():

@@ -42,6 +42,7 @@ class ScanPlan:
         shingle_words: Words per shingle.
         held_ngram: N-gram size of this set's items as contamination targets; None: not a target.
         reference_ngram: N-gram size of this set's text as contamination reference; None: not one.
+        numbers_as_one: Contamination n-grams hash every word holding a digit alike (number swaps).
         pii_kinds: PII kinds to look for.
         responses: Compute prompt and response hashes (for the poisoning screen).
     """
@@ -50,6 +51,7 @@ class ScanPlan:
     shingle_words: int = 5
     held_ngram: int | None = None
     reference_ngram: int | None = None
+    numbers_as_one: bool = False
     pii_kinds: tuple[str, ...] = ()
     responses: bool = False
 
@@ -65,7 +67,7 @@ class SplitScan:
     shingles: np.ndarray | None = None  # shingle hashes, record by record (repeats kept)
     shingle_offsets: np.ndarray | None = None  # (n + 1,)
     bands: np.ndarray | None = None  # (n, bands) LSH keys
-    held: tuple[np.ndarray, np.ndarray] | None = None  # (n-gram hash, item) of the prompt views
+    held: tuple[np.ndarray, np.ndarray] | None = None  # (n-gram hash, item) of the prompt views, every position
     vocabulary: np.ndarray | None = None  # sorted held-out n-grams this set was looked up against
     reference_hits: tuple[np.ndarray, np.ndarray] | None = None  # (vocabulary index, record)
     max_tokens: int | None = None  # the length limit the overlong check used
@@ -99,14 +101,15 @@ def featurize(full: list[str], prompt: list[str], response: list[str] | None, pl
         out["shingle_counts"] = np.bincount(shingle_owners, minlength=len(full))
         out["bands"] = plan.minhasher.band_keys(shingles, shingle_owners, len(full))
     if plan.reference_ngram:
+        numbered = normalize.word_hashes(normalized, numbers_as_one=True)[0] if plan.numbers_as_one else words
         out["reference"] = normalize.unique_per_owner(
-            *normalize.ngram_hashes(words, owners, plan.reference_ngram, keep_short=False))
+            *normalize.ngram_hashes(numbered, owners, plan.reference_ngram, keep_short=False))
     if plan.held_ngram or plan.responses:
         prompts = normalized if prompt is full else normalize.normalize(prompt)
         if plan.held_ngram:
-            prompt_words, prompt_owners = normalize.word_hashes(prompts)
-            out["held"] = normalize.unique_per_owner(
-                *normalize.ngram_hashes(prompt_words, prompt_owners, plan.held_ngram, keep_short=False))
+            prompt_words, prompt_owners = normalize.word_hashes(prompts, numbers_as_one=plan.numbers_as_one)
+            # every position, repeats kept: coverage needs to know which words each n-gram spans
+            out["held"] = normalize.ngram_hashes(prompt_words, prompt_owners, plan.held_ngram, keep_short=False)
         if plan.responses and response is not None:
             out["prompt_digests"] = normalize.digests(prompts)[:, 0]
             out["response_digests"] = normalize.digests(normalize.normalize(response))[:, 0]
