@@ -15,9 +15,9 @@ eval set; --per-disguise of them are planted into GSM8K's training set in each d
     wrapped      inside a longer prompt ("Homework: ... Show your work.")
     paraphrase   about one word in five swapped for a synonym (a small table), one in ten edited
 
-dstk's audit runs with its default policy, contamination and duplicates only; an eval item counts
-as found when a finding names it and a training record (n-gram contamination, exact or near
-duplicate). datasketch's MinHash LSH (128 permutations, threshold 0.5, 5-word shingles after dstk's
+dstk's audit runs with its default contamination policy and no other check (the duplicate checks
+find no disguised copy that contamination misses, and cost their own time); an eval item counts as
+found when a finding names it and a training record. datasketch's MinHash LSH (128 permutations, threshold 0.5, 5-word shingles after dstk's
 normalization) indexes the training prompts and is queried with each eval item, as its users
 decontaminate. The table gives recall per disguise, the share of untouched eval items flagged, the
 share of untouched training records named in a finding, and records per second (training and eval
@@ -148,13 +148,13 @@ def run_dstk(train_file: Path, eval_file: Path, planted_train: set[int], contami
     from data_checks import AuditPolicy, audit
 
     policy = AuditPolicy(pii={"enabled": False}, quality={"enabled": False}, poisoning={"enabled": False},
-                         contamination=contamination)
+                         duplicates={"enabled": False}, contamination=contamination)
     start = time.perf_counter()
     report = audit(str(train_file), str(eval_file), policy=policy)
     seconds = time.perf_counter() - start
     found, named = set(), set()
     for finding in report.findings:
-        if finding.check not in ("ngram_contamination", "exact_duplicate", "near_duplicate"):
+        if finding.check != "ngram_contamination":
             continue
         splits = {r["split"] for r in finding.records}
         if {"train", "eval"} <= splits:
