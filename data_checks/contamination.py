@@ -184,12 +184,14 @@ def _best_record(grams: np.ndarray, shared: np.ndarray, content: np.ndarray, hit
     (record, its coverage, which n-gram positions it shares), or None."""
     lo = np.searchsorted(hit_index, grams[shared])
     hi = np.searchsorted(hit_index, grams[shared], side="right")
+    # one (position, record) pair per reference record holding the n-gram at that position
     holders = np.concatenate([hit_records[a:b] for a, b in zip(lo, hi)])
+    positions = np.repeat(np.flatnonzero(shared), hi - lo)
     records, counts = np.unique(holders, return_counts=True)
     chosen = None
     for record in records[np.argsort(-counts, kind="stable")[:_RECORDS_TRIED]].tolist():
         held_by = np.zeros(shared.size, bool)
-        held_by[np.flatnonzero(shared)] = [record in hit_records[a:b] for a, b in zip(lo, hi)]
+        held_by[positions[holders == record]] = True
         found = coverage(np.zeros(shared.size, np.int64), held_by, content, n, 1)
         if (found.fraction[0] >= con.min_coverage or found.longest[0] >= con.min_span) and \
                 (chosen is None or found.covered[0] > chosen[1].covered[0]):

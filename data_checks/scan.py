@@ -42,7 +42,7 @@ class ScanPlan:
         shingle_words: Words per shingle.
         held_ngram: N-gram size of this set's items as contamination targets; None: not a target.
         reference_ngram: N-gram size of this set's text as contamination reference; None: not one.
-        numbers_as_one: Contamination n-grams hash every word holding a digit alike (number swaps).
+        numbers_as_one: Contamination n-grams hash every number word alike (number swaps).
         pii_kinds: PII kinds to look for.
         responses: Compute prompt and response hashes (for the poisoning screen).
     """

@@ -24,9 +24,9 @@ def run(args) -> int:
         print(f"{name:<14} {value}")
     print(f"{'platform':<14} {platform.platform()}  cpus={os.cpu_count()}")
     try:
-        import torch
+        from toolkit.training.runtime import accelerator
 
-        print(f"{'accelerator':<14} {'cuda ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+        print(f"{'accelerator':<14} {accelerator()}")
     except ImportError:
         pass
     print(f"{'recipes':<14} {', '.join(builtin_recipes())}")

@@ -108,11 +108,11 @@ def _join(recipe: Recipe) -> None:
         # every rank would otherwise start a thread per core, and they would all contend for them
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, DeepSpeed
         torch.set_num_threads(max(1, usable_cores() // ranks_here))
-    if not torch.cuda.is_available():
-        keep_freed_memory()
-    _quiet_libraries()
     if torch.cuda.is_available():  # before the model loads: a quantized base lands on the current GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        keep_freed_memory()
+    _quiet_libraries()
     _init_distributed(recipe)
     # A ZeRO-3 run earlier in this process stays registered with transformers until its engine is
     # garbage-collected, which ranks do at different times: rank 0's meta-device parameter count
