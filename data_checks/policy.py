@@ -100,13 +100,13 @@ class ContaminationPolicy(_Strict):
         default=5, ge=3, le=64,
         description="Words per n-gram. 5 keeps a copy found when one word in ten is edited (each edit "
         "breaks only the n-grams across it); different problems are told apart by needing one record to "
-        "cover the item (benchmarks/contamination_recall.py measures both). Items with fewer words are "
+        "cover the item (`benchmarks/contamination_recall.py` measures both). Items with fewer words are "
         "left to the exact and near duplicate checks.",
     )
     min_coverage: float = Field(
         default=0.5, gt=0.0, le=1.0,
-        description="Fraction of an item's words inside n-grams found in the reference data that makes "
-        "it contaminated: scattered edits, swapped numbers and reordered sentences leave most words "
+        description="Fraction of an item's words inside n-grams it shares with one reference record that "
+        "makes it contaminated: scattered edits, swapped numbers and reordered sentences leave most words "
         "covered. Compared text: the prompt (instruction), the user turns (chat), the text.",
     )
     min_span: int = Field(

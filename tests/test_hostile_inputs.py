@@ -150,8 +150,8 @@ CASES = {
     # checkpoints and model files
     "checkpoint-other-model": (lambda f: ["train", f"output_dir={f / 'run'}", "resume=auto", "model=tiny-gpt2"],
                                "holds checkpoints of model tiny-llama"),
-    "checkpoint-other-layout": (lambda f: ["train", f"output_dir={f / 'run'}", "resume=auto", "parallel.zero_stage=3"],
-                                "parallel.zero_stage 1 -> 3"),
+    "checkpoint-other-layout": (lambda f: ["train", f"output_dir={f / 'run'}", "resume=auto", "parallel.zero_stage=0"],
+                                "(parallel.zero_stage 1 -> 0): a checkpoint resumed with parallel.zero_stage=0 cannot change layout"),
     "checkpoint-node-local-export": (lambda f: ["export", str(f / "node_local_run"), "--quant", "int8",
                                                 "-o", str(f / "out2")], "spread over every node's disk"),
     "checkpoint-rollback-corrupt": (lambda f: ["rollback", str(f / "run"), "--to", "4"], "does not match its sha256"),

@@ -68,8 +68,24 @@ class DataConfig(_Strict):
 
 class ParallelConfig(_Strict):
     nproc: int = Field(
-        2, ge=1, description="Ranks (processes) in the whole job; 2 on a 2-core CPU machine."
+        2, ge=1, description="Ranks (processes) in the whole job; 2 on a 2-core CPU machine. `auto`: one "
+        "per accelerator of this host (on a CPU, per core this process may use) times parallel.nodes, "
+        "and parallel.elastic on: a restart takes the ranks it is given.",
     )
+    elastic: bool = Field(
+        False,
+        description="On resume with another number of data-parallel ranks, keep the checkpoint's global "
+        "batch by changing train.grad_accum (else such a resume is refused); set by nproc=auto.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_nproc(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("nproc") == "auto":
+            nodes = data.get("nodes", 1)
+            per_node = available_ranks()
+            data = {**data, "nproc": per_node * nodes if isinstance(nodes, int) else per_node, "elastic": True}
+        return data
     zero_stage: int = Field(
         2, ge=0, le=3,
         description="ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also "
@@ -179,8 +195,8 @@ class TrainConfig(_Strict):
     seed: int = Field(1234, description="Seed for initialisation, data order and dropout.")
     packing: bool = Field(
         False,
-        description="Pack the records all ranks run at one accumulation step into rows of `seq_len` "
-        "tokens instead of padding each micro-batch, each record attending only to itself (block-diagonal "
+        description="Share the records all ranks run at one accumulation step out between the ranks by "
+        "tokens and pack each share into rows of `seq_len` tokens instead of padding each micro-batch, each record attending only to itself (block-diagonal "
         "mask, its own position ids), and run every layer but attention on real tokens only: the same "
         "records and loss per step, without the padding. Not with pipeline stages.",
     )
@@ -373,6 +389,18 @@ class Recipe(_Strict):
     def sha256(self) -> str:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def available_ranks() -> int:
+    """Ranks this host can run now: its visible CUDA devices, else the cores this process may use
+    (what a scheduler's allocation, CUDA_VISIBLE_DEVICES or taskset gives it)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def builtin_recipes() -> list[str]:

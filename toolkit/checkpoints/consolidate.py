@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from toolkit.checkpoints.store import frozen_base, newest_complete, tag, why_incomplete
+from toolkit.checkpoints.store import frozen_base, pick, tag
 from toolkit.errors import UserError
 from toolkit.models import lora
 from toolkit.models.loading import load_tokenizer
@@ -72,24 +72,14 @@ def consolidate_offline(root: Path, step: int | None = None, out: Path | None = 
     manifest first; the model is written aside and renamed into place.
 
     Raises:
-        UserError: no such complete checkpoint, or one that is not consolidated offline (AutoTP
+        UserError: no such complete checkpoint (:func:`pick`), or one that is not consolidated offline (AutoTP
             slices and LoRA adapters are gathered by the live engine into ``final/``).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     run = RunDir(Path(root))
-    if step is None:
-        chosen = newest_complete(run.checkpoints) if run.checkpoints.is_dir() else None
-        if chosen is None:
-            raise UserError(f"{root}: the run has neither final/ nor a complete checkpoint",
-                            "train it (train.save_steps) first")
-    else:
-        chosen = run.checkpoints / tag(step)
-        problem = why_incomplete(chosen) if chosen.is_dir() else "there is no such checkpoint"
-        if problem:
-            raise UserError(f"{root}: checkpoint of step {step} is not usable: {problem}",
-                            "`dstk checkpoints RUN` lists the complete ones")
+    chosen = pick(run.checkpoints, step)
     name = chosen.name
     out = Path(out) if out is not None else run.root / "consolidated" / name
     if (out / "config.json").is_file():

@@ -26,10 +26,46 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "dstk_manifest.json"
 LATEST = "latest"
+UNIVERSAL = "universal"  # the folder of universal copies (toolkit.checkpoints.universal)
+# What a checkpoint's files are cut for: its shards, and with offload another optimizer's state
+# (DeepSpeed's CPU Adam): loading it under other values needs its universal copy
+SHARDING = ("nproc", "zero_stage", "pipeline_stages", "tensor_parallel", "offload")
+
+
+def layout_of(recipe) -> dict:
+    """The layout a recipe's checkpoints are written in, recorded in each manifest: the sharding
+    and offload, and the global batch that the data position (the step) counts in."""
+    p, t = recipe.parallel, recipe.train
+    return {**{key: getattr(p, key) for key in SHARDING},
+            "global_batch": t.micro_batch_size * t.grad_accum * recipe.data_parallel}
+
+
+def resharded(was: dict, now: dict) -> list[str]:
+    """The sharding keys that differ between layouts ``was`` and ``now``, as ``key was -> now``."""
+    return [f"parallel.{key} {was[key]} -> {now[key]}" for key in SHARDING if key in was and was[key] != now[key]]
+
+
+def written_layout(checkpoint: Path, run: dict) -> dict:
+    """The layout ``checkpoint`` was written in: its manifest's, or for checkpoints written before
+    dstk recorded it there, the run's (``run`` is run.json: the layout that trained the checkpoint's
+    step, or the run's only one)."""
+    try:
+        layout = json.loads((checkpoint / MANIFEST).read_text()).get("layout")
+    except (OSError, ValueError):
+        layout = None
+    if layout is None:
+        trained = [entry for entry in run.get("layouts", []) if entry["from_step"] < step_of(checkpoint)]
+        layout = trained[-1] if trained else run.get("parallel", {})
+    return {key: layout[key] for key in (*SHARDING, "global_batch") if key in layout}
 
 
 def tag(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step of ``checkpoints/step_NNNNNN`` (or of its hidden ``.step_NNNNNN.partial``)."""
+    return int(checkpoint.name.strip(".").removesuffix(".partial").removeprefix("step_"))
 
 
 def frozen_base(engine) -> bool:
@@ -37,10 +73,12 @@ def frozen_base(engine) -> bool:
 
 
 def save(engine, folder: Path, step: int, metrics: dict | None = None, keep_last: int = 0,
-         keep_best: int = 0) -> Path:
+         keep_best: int = 0, layout: dict | None = None, layouts: list[dict] | None = None) -> Path:
     """Save a DeepSpeed checkpoint of ``step`` crash-safely (a collective call on every rank).
 
-    ``metrics`` (the step's loss and eval loss) go into the manifest, for listing and keep-best;
+    ``metrics`` (the step's loss and eval loss) go into the manifest, for listing and keep-best,
+    with ``layout`` (:func:`layout_of`), which tells a resume under another layout to convert it, and
+    ``layouts``, every layout the run has had (run.json's lineage);
     then older checkpoints are pruned (:func:`prune`). A LoRA run saves its adapters and their
     optimizer state only: the frozen base is the model the run started from, reloaded from there
     on resume.
@@ -57,7 +95,7 @@ def save(engine, folder: Path, step: int, metrics: dict | None = None, keep_last
     _save_rng_state(folder / staging)
     dist.barrier()  # every rank's files are written
     if leader:
-        write_manifest(folder / staging, step, metrics or {})
+        write_manifest(folder / staging, step, metrics or {}, layout, layouts)
         shutil.rmtree(folder / name, ignore_errors=True)  # an older save of this step (after a rollback)
         (folder / staging).rename(folder / name)
         _fsync_dir(folder)
@@ -131,6 +169,7 @@ def prune(folder: Path, keep_last: int, keep_best: int) -> list[Path]:
     removed = [folder / entry["name"] for entry in earlier if entry["name"] not in keep]
     for path in removed:
         shutil.rmtree(path)
+        shutil.rmtree(folder / UNIVERSAL / path.name, ignore_errors=True)  # its universal copy, if made
     return removed
 
 
@@ -152,7 +191,7 @@ def list_checkpoints(folder: Path, hashes: bool = True) -> list[dict]:
             manifest = {}
         metrics = manifest.get("metrics", {})
         entries.append({
-            "name": path.name, "step": int(path.name.strip(".").removesuffix(".partial").removeprefix("step_")),
+            "name": path.name, "step": step_of(path),
             "loss": metrics.get("loss"), "eval_loss": metrics.get("eval_loss"),
             "bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file()),
             "state": "partial" if partial else (why_incomplete(path) if hashes else None if manifest else f"no readable {MANIFEST}")
@@ -179,14 +218,17 @@ def rollback(folder: Path, step: int) -> Path:
     return target
 
 
-def write_manifest(checkpoint: Path, step: int, metrics: dict) -> None:
+def write_manifest(checkpoint: Path, step: int, metrics: dict, layout: dict | None = None,
+                   layouts: list[dict] | None = None) -> None:
     """List every file of ``checkpoint`` with its size and sha256, flushing each to disk first."""
     files = {}
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
         files[str(path.relative_to(checkpoint))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    _write_atomically(checkpoint / MANIFEST, json.dumps({"step": step, "metrics": metrics, "files": files}, indent=1) + "\n")
+    manifest = {"step": step, "metrics": metrics, **({"layout": layout} if layout else {}),
+                **({"layouts": layouts} if layouts else {}), "files": files}
+    _write_atomically(checkpoint / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def point_latest(folder: Path, name: str) -> None:
@@ -229,20 +271,51 @@ def newest_complete(folder: Path) -> Path | None:
     return None
 
 
-def resume(engine, folder: Path) -> int:
+def pick(folder: Path, step: int | None) -> Path:
+    """The checkpoint of ``step`` in ``folder``, verified, or the newest complete one when ``step`` is None.
+
+    Raises:
+        UserError: no such checkpoint, or it does not verify against its manifest.
+    """
+    if step is None:
+        chosen = newest_complete(folder) if folder.is_dir() else None
+        if chosen is None:
+            raise UserError(f"{folder.parent}: the run has no complete checkpoint", "train it (train.save_steps) first")
+        return chosen
+    chosen = folder / tag(step)
+    problem = why_incomplete(chosen) if chosen.is_dir() else "there is no such checkpoint"
+    if problem:
+        raise UserError(f"{folder.parent}: checkpoint of step {step} is not usable: {problem}",
+                        "`dstk checkpoints RUN` lists the complete ones")
+    return chosen
+
+
+def resume(engine, folder: Path, run: dict) -> int:
     """Load the newest complete checkpoint in ``folder`` into ``engine``; return its step (0 if none).
 
     Model, optimizer and LR schedule come back through DeepSpeed, each rank's random generators
     from its own file; the data position is the step itself, since batches are a pure function of
-    the step (``toolkit.data.batches``).
+    the step (``toolkit.data.batches``). A checkpoint saved under another sharding than the run's
+    now (the last of ``run``'s ``layouts``) loads from its universal copy, which the launcher wrote
+    before the workers started (``toolkit.checkpoints.universal``).
     """
     chosen = _agreed_checkpoint(engine, folder)
     if chosen is None:
         return 0
-    path, client_state = engine.load_checkpoint(str(folder), tag=chosen.name,
-                                                load_module_strict=not frozen_base(engine))
+    source = chosen
+    if resharded(written_layout(chosen, run), run["layouts"][-1]):
+        from toolkit.checkpoints.universal import copy_of
+
+        source = copy_of(chosen)
+    # DeepSpeed reads this flag only while loading; a rollback later in the run may load a native one
+    engine._config.load_universal_checkpoint = source != chosen
+    try:
+        path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name,
+                                                    load_module_strict=not frozen_base(engine))
+    finally:
+        engine._config.load_universal_checkpoint = False
     step = int(client_state["step"])
-    _load_rng_state(chosen)
+    _load_rng_state(source)
     if dist.get_rank() == 0:
         log.warning("resumed from %s at step %d", path, step)
     return step

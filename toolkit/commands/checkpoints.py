@@ -11,16 +11,18 @@ from pathlib import Path
 def register(subparsers) -> None:
     listing = subparsers.add_parser(
         "checkpoints", help="list a run's checkpoints, or make a Hugging Face model of one (convert)",
-        usage="dstk checkpoints [--json] RUN\n       dstk checkpoints convert RUN [--step N] [--to hf] [-o OUT]",
+        usage="dstk checkpoints [--json] RUN\n       dstk checkpoints convert RUN [--step N] [--to hf|universal] [-o OUT]",
         description="List every checkpoint of a run directory with its step, loss, eval loss, size and "
         "whether its manifest verifies (each file's size and sha256); `*` marks the resume point. "
-        "`convert` writes a Hugging Face model (safetensors) of a checkpoint, offline in one process, after "
-        "verifying it: of the newest complete one unless --step says which.")
+        "`convert` writes a Hugging Face model (safetensors) of a checkpoint, or with --to universal DeepSpeed's "
+        "universal checkpoint (loadable under any ZeRO stage and number of ranks: RUN/checkpoints/universal/"
+        "step_N), offline in one process, after verifying it: of the newest complete one unless --step says which.")
     listing.add_argument("run_dir", metavar="RUN", help="a dstk run directory (or `convert`, then the run)")
     listing.add_argument("convert_run", nargs="?", help=argparse.SUPPRESS)
     listing.add_argument("--json", action="store_true", help="print the list as JSON")
     listing.add_argument("--step", type=int, metavar="N", help="convert: the checkpoint's step (default: the newest)")
-    listing.add_argument("--to", choices=("hf",), default="hf", help="convert: the format (a Hugging Face model)")
+    listing.add_argument("--to", choices=("hf", "universal"), default="hf",
+                         help="convert: a Hugging Face model (hf) or DeepSpeed's universal checkpoint")
     listing.add_argument("-o", "--out", metavar="OUT", help="convert: where (default: RUN/consolidated/step_N)")
     listing.set_defaults(run=run_list)
     rollback = subparsers.add_parser(
@@ -78,9 +80,27 @@ def _convert(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists():
         raise UserError(f"{out} already exists", "choose another -o OUT, or remove it")
+    if args.to == "universal":
+        return _convert_universal(args, out)
     written = consolidate_offline(Path(args.convert_run), args.step, out)
     print(f"dstk checkpoints: wrote {written} (a Hugging Face model: AutoModelForCausalLM.from_pretrained, "
           f"dstk export, dstk eval)")
+    return 0
+
+
+def _convert_universal(args, out: Path | None) -> int:
+    from toolkit.checkpoints.store import pick
+    from toolkit.checkpoints.universal import convert
+    from toolkit.errors import UserError
+    from toolkit.rundir import RunDir
+
+    if out is not None:
+        raise UserError("a universal checkpoint is written beside its original, where resume=auto finds it",
+                        f"drop -o: dstk checkpoints convert {args.convert_run} --to universal")
+    run = RunDir(Path(args.convert_run))
+    written = convert(pick(_checkpoints(args.convert_run), args.step), run.read_run()["model"]["path"])
+    print(f"dstk checkpoints: wrote {written} (DeepSpeed's universal checkpoint: resume=auto loads it under "
+          f"any ZeRO stage 1-3 and number of ranks)")
     return 0
 
 

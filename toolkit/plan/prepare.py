@@ -17,6 +17,8 @@ from pathlib import Path
 import yaml
 
 from data_checks.files import sha256_file
+from toolkit.checkpoints import store as checkpoint
+from toolkit.checkpoints import universal
 from toolkit.data import builtin
 from toolkit.errors import AuditFailed, UserError
 from toolkit.models.loading import ModelRef, resolve_model
@@ -25,7 +27,7 @@ from toolkit.plan import ds_config as ds_config_module
 from toolkit.plan import layout
 from toolkit.plan.gate import run_gate, token_counter
 from toolkit.plan.lineage import git_commit, versions
-from toolkit.recipe import BUILTIN_PREFIX, Recipe
+from toolkit.recipe import BUILTIN_PREFIX, Recipe, with_values
 from toolkit.rundir import RunDir
 
 
@@ -42,11 +44,16 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
     """
     run_dir = RunDir(Path(recipe.output_dir))
     existing = _existing_run(run_dir, recipe)
+    resumed = _resume_point(run_dir, recipe) if recipe.resume == "auto" and run_dir.run_json.is_file() else None
+    if resumed is not None:
+        recipe = _keep_global_batch(recipe, checkpoint.written_layout(resumed, run_dir.read_run()), resumed)
     if existing is not None:
+        _convert_for(recipe, resumed, run_dir)  # again, should the copy have gone since it was prepared
         return existing
     source, config, parallel = validate(recipe)
     data = resolve_all_data(recipe)
     audit_entry = audited if audited is not None else _audit(recipe, source, data, run_dir)
+    layouts = _layouts(run_dir, recipe, resumed)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     for entry in data.values():
         if entry["source"].startswith(BUILTIN_PREFIX):  # the run keeps its own copy of generated data
@@ -71,6 +78,7 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
         "audit": audit_entry,
         "parallel": {**parallel, "ds_config_template": recipe.parallel.ds_config
                      or f"ds_configs/{ds_config_module.template_name(recipe)}.json"},
+        "layouts": layouts,
     }
     if run_dir.run_json.is_file():  # resumed: the first attempt's evaluation before training stays
         run.update({key: value for key, value in run_dir.read_run().items() if key == "eval_before"})
@@ -130,7 +138,6 @@ def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
     latest = run_dir.checkpoints / "latest"  # `dstk rollback` points it at an earlier step
     at = int(latest.read_text().strip().removeprefix("step_")) if latest.is_file() else done
     if recipe.resume == "auto" and (done is None or recipe.train.max_steps > min(done, at)):
-        _check_resumable(run, recipe, run_dir)
         return None  # re-check data and audit, then continue from the newest checkpoint
     if done is not None:  # a finished run's record is never rewritten by a run that adds nothing
         raise UserError(f"output_dir {run_dir.root} holds a completed run of {done} steps (its model: "
@@ -140,25 +147,84 @@ def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
                     "pass resume=auto to continue it, or output_dir=NEW for a new run")
 
 
-# What a DeepSpeed checkpoint is tied to: its model, and the layout its shards were cut for.
-_CHECKPOINT_LAYOUT = ("nproc", "zero_stage", "pipeline_stages", "tensor_parallel")
+def _resume_point(run_dir: RunDir, recipe: Recipe) -> Path | None:
+    """The checkpoint a resumed run continues from, checked against the recipe (None: a fresh start).
 
+    A checkpoint of another model is refused. One of another sharding is accepted where its
+    universal copy can carry it over (``toolkit.checkpoints.universal``), at the global batch it
+    was trained with, since its step counts the data position in those batches.
 
-def _check_resumable(run: dict, recipe: Recipe, run_dir: RunDir) -> None:
-    """Refuse to resume checkpoints into another model or parallel layout than wrote them."""
-    if not any(run_dir.checkpoints.glob("step_*")):
-        return
+    Raises:
+        UserError: another model, a layout change DeepSpeed cannot convert, or another global batch.
+    """
+    chosen = checkpoint.newest_complete(run_dir.checkpoints) if run_dir.checkpoints.is_dir() else None
+    if chosen is None:
+        return None
+    run = run_dir.read_run()
     model = resolve_model(recipe.model, recipe.trust_remote_code).name
     if run.get("model", {}).get("name") not in (None, model):
         raise UserError(f"output_dir {run_dir.root} holds checkpoints of model {run['model']['name']}, "
                         f"not {model}", f"resume with model={run['model']['name']}, or use a new output_dir")
-    was = run.get("parallel", {})
-    now = {key: getattr(recipe.parallel, key) for key in _CHECKPOINT_LAYOUT}
-    changed = [f"parallel.{key} {was[key]} -> {now[key]}" for key in _CHECKPOINT_LAYOUT if key in was and was[key] != now[key]]
+    was = checkpoint.written_layout(chosen, run)
+    now = checkpoint.layout_of(recipe)
+    changed = checkpoint.resharded(was, now)
+    problem = universal.why_not_convertible(was, now) if changed else None
+    if problem is None and changed and recipe.lora.enabled:
+        problem = "a LoRA run's checkpoints hold its adapters only, and dstk does not convert those yet"
+    if problem is None and changed and recipe.parallel.node_local_storage:
+        problem = "node-local checkpoints are spread over every node's disk, and conversion needs them in one place"
+    if problem:
+        raise UserError(f"output_dir {run_dir.root} holds checkpoints sharded for another layout "
+                        f"({', '.join(changed)}): {problem}", f"resume with the layout that wrote them, or start a new run from its model "
+                        f"(model={run_dir.final}, or `dstk checkpoints convert {run_dir.root}`)")
+    return chosen
+
+
+def _keep_global_batch(recipe: Recipe, was: dict, resumed: Path) -> Recipe:
+    """The recipe at the global batch ``resumed`` was trained with, whose step counts the data
+    position in those batches: as it is, or with ``train.grad_accum`` changed for an elastic run.
+
+    Raises:
+        UserError: another global batch, which an elastic run cannot reach by accumulation either.
+    """
+    wanted = was.get("global_batch")
+    now = checkpoint.layout_of(recipe)["global_batch"]
+    if wanted is None or wanted == now:
+        return recipe
+    per_accumulation = recipe.train.micro_batch_size * recipe.data_parallel
+    if recipe.parallel.elastic and wanted % per_accumulation == 0:
+        accumulation = wanted // per_accumulation
+        print(f"dstk: train.grad_accum {recipe.train.grad_accum} -> {accumulation}, keeping the checkpoint's "
+              f"global batch of {wanted} records on {recipe.data_parallel} data-parallel rank(s)", flush=True)
+        return with_values(recipe, {"train.grad_accum": accumulation})
+    hint = f" (train.grad_accum={wanted // per_accumulation})" if wanted % per_accumulation == 0 else ""
+    raise UserError(f"checkpoint {resumed.name} was trained with global batches of {wanted} records and the "
+                    f"recipe's are {now}, so its step would point at other data",
+                    f"keep train.micro_batch_size x train.grad_accum x data-parallel ranks = {wanted}{hint}, "
+                    "or set parallel.elastic=true")
+
+
+def _layouts(run_dir: RunDir, recipe: Recipe, resumed: Path | None) -> list[dict]:
+    """Every layout the run has had, each from the step it started at (the resume checkpoint is
+    converted for the recipe's layout here, after the audit passed and before any worker starts)."""
+    now = checkpoint.layout_of(recipe)
+    if resumed is None:
+        return [{"from_step": 0, **now}]
+    _convert_for(recipe, resumed, run_dir)
+    run = run_dir.read_run()
+    history = run.get("layouts") or [{"from_step": 0, **checkpoint.written_layout(resumed, run)}]
+    latest = {key: value for key, value in history[-1].items() if key != "from_step"}
+    return history if latest == now else [*history, {"from_step": checkpoint.step_of(resumed), **now}]
+
+
+def _convert_for(recipe: Recipe, resumed: Path | None, run_dir: RunDir) -> None:
+    """Write the universal copy of ``resumed`` where the recipe shards it otherwise."""
+    if resumed is None:
+        return
+    changed = checkpoint.resharded(checkpoint.written_layout(resumed, run_dir.read_run()), checkpoint.layout_of(recipe))
     if changed:
-        raise UserError(f"output_dir {run_dir.root} holds checkpoints sharded for another layout ({', '.join(changed)})",
-                        f"resume with the layout that wrote them, or start a new run from its model "
-                        f"(model={run_dir.final})")
+        print(f"dstk: converting checkpoint {resumed.name} for the new layout ({', '.join(changed)})", flush=True)
+        universal.convert(resumed, run_dir.read_run()["model"]["path"], pipeline=recipe.parallel.pipeline_stages > 1)
 
 
 def resolve_all_data(recipe: Recipe) -> dict:

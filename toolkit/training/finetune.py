@@ -89,7 +89,9 @@ def finetune(recipe: Recipe | str | Path | None = None, overrides: list[str] | N
               file=sys.stderr, flush=True)
         recipe = with_values(recipe, {"parallel.nproc": 1})
     _join(recipe)
-    return _train(recipe, _plan_everywhere(recipe))
+    run = _plan_everywhere(recipe)
+    # as planned: a resume may have changed train.grad_accum to keep the checkpoint's global batch
+    return _train(load_recipe(RunDir(Path(recipe.output_dir)).recipe), run)
 
 
 def run_planned(run_dir: Path) -> FinetuneResult:
@@ -238,7 +240,8 @@ def _train(recipe: Recipe, run: dict) -> FinetuneResult:
     trainer = (PipelineTrainer(engine, batches, train, evalset, seq_len=t.seq_len, **common) if pipeline
                else Trainer(engine, batches, train, evalset, pack_to=t.seq_len if t.packing else None, **common))
 
-    start = checkpoint.resume(engine, run_dir.checkpoints) if recipe.resume == "auto" else 0
+    layout = checkpoint.layout_of(recipe)
+    start = checkpoint.resume(engine, run_dir.checkpoints, run) if recipe.resume == "auto" else 0
     eval_before = trainer.evaluate() if evalset is not None and start == 0 else None
     if eval_before is not None:
         logger.log_eval(start, eval_before)
@@ -247,9 +250,10 @@ def _train(recipe: Recipe, run: dict) -> FinetuneResult:
                            **({"eval_before": vars(eval_before)} if eval_before is not None else {})})
 
     def save(step: int, metrics: dict) -> None:
-        checkpoint.save(engine, run_dir.checkpoints, step, metrics, keep_last=t.keep_last, keep_best=t.keep_best)
+        checkpoint.save(engine, run_dir.checkpoints, step, metrics, keep_last=t.keep_last, keep_best=t.keep_best,
+                        layout=layout, layouts=run.get("layouts"))
 
-    lines = trainer.fit(start, t, save=save, rollback=lambda: checkpoint.resume(engine, run_dir.checkpoints))
+    lines = trainer.fit(start, t, save=save, rollback=lambda: checkpoint.resume(engine, run_dir.checkpoints, run))
     eval_after = trainer.evaluate() if evalset is not None else None
     if eval_after is not None:
         lines.append(logger.log_eval(t.max_steps, eval_after))

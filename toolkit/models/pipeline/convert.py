@@ -228,6 +228,24 @@ def to_pipeline(
     return module
 
 
+def parameter_names(config) -> dict[str, str]:
+    """Each parameter's name in the pipeline module of ``config`` -> its name in the HF model.
+
+    A layer's parameters are ``INDEX.LOCAL.NAME``, the tied embedding's ``tied_modules.KEY.LOCAL.NAME``
+    (DeepSpeed's naming); the tied head has none of its own.
+    """
+    model = meta_model(config)
+    names = {}
+    for index, layer in enumerate(plan_layers(model)):
+        if layer.forward_fn is not None:
+            continue
+        prefix = f"tied_modules.{layer.tie_key}" if layer.tie_key else str(index)
+        for local, path in layer.modules.items():
+            for name, _ in model.get_submodule(path).named_parameters():
+                names[f"{prefix}.{local}.{name}"] = f"{path}.{name}"
+    return names
+
+
 def _spec(layer: PlannedLayer, source) -> LayerSpec:
     if layer.tie_key is None:
         return LayerSpec(layer.kind, source, layer.modules, **layer.kwargs)
