@@ -72,6 +72,8 @@ def test_a_zero2_checkpoint_resumes_under_zero3_with_offload_as_the_same_run(ori
     layouts = json.loads((out / "run.json").read_text())["layouts"]
     assert [(entry["from_step"], entry["zero_stage"], entry["offload"]) for entry in layouts] == [
         (0, 2, "none"), (4, 3, "cpu")]
+    report = (out / "report.md").read_text()
+    assert "from step 0: 2 rank(s), ZeRO-2; from step 4: 2 rank(s), ZeRO-3 (offload cpu)" in report
     manifest = json.loads((out / "checkpoints" / "step_000008" / checkpoint.MANIFEST).read_text())
     assert manifest["layouts"] == layouts and manifest["layout"]["global_batch"] == 32
     assert checkpoint.why_incomplete(out / "checkpoints" / "universal" / "step_000004") is None
@@ -109,10 +111,22 @@ def pipelined(tmp_path_factory):
 
 def test_a_pipeline_checkpoint_resumes_under_zero2_as_the_same_run(pipelined, tmp_path):
     out = _copy_at_step_4(pipelined, tmp_path)
-    output = _ok(run_dstk("train", out / "recipe.yaml", f"output_dir={out}", "resume=auto", "parallel.pipeline_stages=1",
-                          "parallel.zero_stage=2", "train.grad_accum=1"))
+    output = _ok(run_dstk("train", out / "recipe.yaml", f"output_dir={out}", "resume=auto",
+                          "parallel.pipeline_stages=1", "parallel.zero_stage=2", "train.grad_accum=1"))
     assert "(parallel.zero_stage 1 -> 2, parallel.pipeline_stages 2 -> 1)" in output
     _same_run(out, pipelined)  # the pipeline's parameter names became the model's
+
+
+def test_a_qlora_run_resumes_on_1_rank_with_its_adapters_and_their_moments(tmp_path_factory, tmp_path):
+    adapted = tmp_path_factory.mktemp("layouts") / "qlora"
+    adapters = ["lora.enabled=true", "lora.quantize_base=nf4", "lora.dropout=0"]  # no dropout: masks are per rank
+    _ok(run_dstk("train", f"output_dir={adapted}", *RECIPE, *adapters))
+    out = _copy_at_step_4(adapted, tmp_path)
+    _ok(run_dstk("train", out / "recipe.yaml", f"output_dir={out}", "resume=auto", "parallel.nproc=1",
+                 "parallel.zero_stage=3", "train.grad_accum=2"))
+    got, expected = _losses(out), _losses(adapted)
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=0), (step, got[step], expected[step])
 
 
 def _flat_states(checkpoint_dir, key: str) -> dict[str, torch.Tensor]:

@@ -169,8 +169,9 @@ def _resume_point(run_dir: RunDir, recipe: Recipe) -> Path | None:
     now = checkpoint.layout_of(recipe)
     changed = checkpoint.resharded(was, now)
     problem = universal.why_not_convertible(was, now) if changed else None
-    if problem is None and changed and recipe.lora.enabled:
-        problem = "a LoRA run's checkpoints hold its adapters only, and dstk does not convert those yet"
+    piped = max(was.get("pipeline_stages", 1), now["pipeline_stages"]) > 1
+    if problem is None and changed and recipe.lora.enabled and piped:
+        problem = "dstk does not map a LoRA pipeline's adapter names to the model's yet"
     if problem is None and changed and recipe.parallel.node_local_storage:
         problem = "node-local checkpoints are spread over every node's disk, and conversion needs them in one place"
     if problem:

@@ -51,6 +51,9 @@ def rows(run: dict, lines: list[dict]) -> list[tuple[str, str]]:
     """The report's (label, value) rows: the same on the console and in report.md."""
     found: list[tuple[str, str]] = []
     parallel, result = run["parallel"], run.get("result", {})
+    if len(run.get("layouts", [])) > 1:  # resumed on other ranks, another ZeRO stage or pipeline split
+        found.append(("layouts", "; ".join(f"from step {entry['from_step']}: {entry['nproc']} rank(s), {_layout(entry)}"
+                                            for entry in run["layouts"])))
     if "pipeline" in parallel:
         pipe = parallel["pipeline"]
         found += [("pipeline", pipe["summary"]),
