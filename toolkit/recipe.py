@@ -196,9 +196,10 @@ class TrainConfig(_Strict):
     packing: bool = Field(
         False,
         description="Share the records all ranks run at one accumulation step out between the ranks by "
-        "tokens and pack each share into rows of `seq_len` tokens instead of padding each micro-batch, each record attending only to itself (block-diagonal "
-        "mask, its own position ids), and run every layer but attention on real tokens only: the same "
-        "records and loss per step, without the padding. Not with pipeline stages.",
+        "tokens and pack each share into rows of `seq_len` tokens instead of padding each micro-batch, each "
+        "record attending only to itself (block-diagonal mask, its own position ids), and run every layer but "
+        "attention on real tokens only: the same records and loss per step, without the padding. Not with "
+        "pipeline stages.",
     )
     group_by_length: bool = Field(
         True,
@@ -394,13 +395,11 @@ class Recipe(_Strict):
 def available_ranks() -> int:
     """Ranks this host can run now: its visible CUDA devices, else the cores this process may use
     (what a scheduler's allocation, CUDA_VISIBLE_DEVICES or taskset gives it)."""
-    import os
-
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from toolkit.training.shm_collectives import usable_cores
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else usable_cores()
 
 
 def builtin_recipes() -> list[str]:

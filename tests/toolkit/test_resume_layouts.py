@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_dstk, user_env
+from tests.toolkit.test_fault_injection import _kill_when, _losses, _reached
 from toolkit.checkpoints import store as checkpoint
 
 RECIPE = ["train.max_steps=8", "train.log_steps=1", "train.save_steps=4", "data.eval=null",
@@ -36,11 +37,6 @@ def original(tmp_path_factory):
     out = tmp_path_factory.mktemp("layouts") / "original"
     _ok(run_dstk("train", f"output_dir={out}", *RECIPE))
     return out
-
-
-def _losses(run) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["loss"] for line in lines if "loss" in line}  # the last logged of each step
 
 
 def _copy_at_step_4(original, tmp_path):
@@ -80,8 +76,6 @@ def test_a_zero2_checkpoint_resumes_under_zero3_with_offload_as_the_same_run(ori
 
 
 def test_killed_on_2_ranks_and_restarted_with_zero1_on_the_1_rank_it_is_given_with_nproc_auto(original, tmp_path):
-    from tests.toolkit.test_fault_injection import _kill_when, _reached
-
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "train", f"output_dir={out}", *RECIPE,
                               "parallel.nproc=auto"], cwd=ROOT, env=user_env(), stdout=subprocess.PIPE,

@@ -63,6 +63,12 @@ def tag(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def universal_copy(checkpoint: Path) -> Path:
+    """Where the universal copy of ``checkpoint`` (``checkpoints/step_N``) lives
+    (``toolkit.checkpoints.universal`` writes it)."""
+    return checkpoint.parent / UNIVERSAL / checkpoint.name
+
+
 def step_of(checkpoint: Path) -> int:
     """The step of ``checkpoints/step_NNNNNN`` (or of its hidden ``.step_NNNNNN.partial``)."""
     return int(checkpoint.name.strip(".").removesuffix(".partial").removeprefix("step_"))
@@ -169,7 +175,7 @@ def prune(folder: Path, keep_last: int, keep_best: int) -> list[Path]:
     removed = [folder / entry["name"] for entry in earlier if entry["name"] not in keep]
     for path in removed:
         shutil.rmtree(path)
-        shutil.rmtree(folder / UNIVERSAL / path.name, ignore_errors=True)  # its universal copy, if made
+        shutil.rmtree(universal_copy(path), ignore_errors=True)  # made only for a resume on another layout
     return removed
 
 
@@ -302,11 +308,7 @@ def resume(engine, folder: Path, run: dict) -> int:
     chosen = _agreed_checkpoint(engine, folder)
     if chosen is None:
         return 0
-    source = chosen
-    if resharded(written_layout(chosen, run), run["layouts"][-1]):
-        from toolkit.checkpoints.universal import copy_of
-
-        source = copy_of(chosen)
+    source = universal_copy(chosen) if resharded(written_layout(chosen, run), run["layouts"][-1]) else chosen
     # DeepSpeed reads this flag only while loading; a rollback later in the run may load a native one
     engine._config.load_universal_checkpoint = source != chosen
     try:

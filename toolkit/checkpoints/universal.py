@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from data_checks.files import sha256_file
-from toolkit.checkpoints.store import MANIFEST, UNIVERSAL, why_incomplete, write_manifest
+from toolkit.checkpoints.store import MANIFEST, universal_copy, why_incomplete, write_manifest
 from toolkit.errors import UserError
 
 # What a layout change may involve: DeepSpeed's universal format covers ZeRO 1-3 data parallelism
@@ -34,11 +34,6 @@ _UNSUPPORTED = {
     "tensor_parallel": lambda v: v > 1,
     "zero_stage": lambda v: v == 0,
 }
-
-
-def copy_of(checkpoint: Path) -> Path:
-    """Where the universal copy of ``checkpoint`` (``checkpoints/step_N``) lives."""
-    return checkpoint.parent / UNIVERSAL / checkpoint.name
 
 
 def why_not_convertible(was: dict, now: dict) -> str | None:
@@ -131,8 +126,9 @@ def _rename_parameters(zero: Path, names: dict[str, str]) -> None:
 
 
 def convert(checkpoint: Path, model_path: str, pipeline: bool = False) -> Path:
-    """Write the universal copy of ``checkpoint`` (verified first) and return it; an existing copy
-    of it for the same target is reused.
+    """Write the universal copy of ``checkpoint`` and return it; an existing copy of it for the same
+    target is reused. ``checkpoint`` must have verified against its manifest (``store.pick`` or
+    ``store.newest_complete`` chose it): the converter unpickles its files.
 
     Args:
         model_path: the run's model (its config maps a pipeline's parameter names to the model's).
@@ -140,18 +136,14 @@ def convert(checkpoint: Path, model_path: str, pipeline: bool = False) -> Path:
             run to load; else as the Hugging Face model does.
 
     Raises:
-        UserError: the checkpoint does not verify against its manifest, or has no universal form.
+        UserError: the checkpoint has no universal form.
     """
-    out = copy_of(checkpoint)
+    out = universal_copy(checkpoint)
     # a copy is of this very checkpoint, not of an earlier save of its step (before a rollback)
     source = sha256_file(checkpoint / MANIFEST) if (checkpoint / MANIFEST).is_file() else None
     target = {"of_manifest": source, "pipeline_names": pipeline}
     if out.is_dir() and why_incomplete(out) is None and target.items() <= _manifest(out)["layout"].items():
         return out
-    problem = why_incomplete(checkpoint)
-    if problem is not None:
-        raise UserError(f"checkpoint {checkpoint} is not complete: {problem}", "roll back to a complete one "
-                        "(`dstk checkpoints RUN` lists them)")
     problem = _why_not_universal(checkpoint)
     if problem is not None:
         raise UserError(f"checkpoint {checkpoint} has no universal form: {problem}",

@@ -46,7 +46,7 @@ def prepare(recipe: Recipe, audited: dict | None = None) -> dict:
     existing = _existing_run(run_dir, recipe)
     resumed = _resume_point(run_dir, recipe) if recipe.resume == "auto" and run_dir.run_json.is_file() else None
     if resumed is not None:
-        recipe = _keep_global_batch(recipe, checkpoint.written_layout(resumed, run_dir.read_run()), resumed)
+        recipe = _keep_global_batch(recipe, *resumed)
     if existing is not None:
         _convert_for(recipe, resumed, run_dir)  # again, should the copy have gone since it was prepared
         return existing
@@ -147,8 +147,9 @@ def _existing_run(run_dir: RunDir, recipe: Recipe) -> dict | None:
                     "pass resume=auto to continue it, or output_dir=NEW for a new run")
 
 
-def _resume_point(run_dir: RunDir, recipe: Recipe) -> Path | None:
-    """The checkpoint a resumed run continues from, checked against the recipe (None: a fresh start).
+def _resume_point(run_dir: RunDir, recipe: Recipe) -> tuple[Path, dict] | None:
+    """The checkpoint a resumed run continues from and the layout it was written in, checked against
+    the recipe (None: a fresh start).
 
     A checkpoint of another model is refused. One of another sharding is accepted where its
     universal copy can carry it over (``toolkit.checkpoints.universal``), at the global batch it
@@ -176,12 +177,13 @@ def _resume_point(run_dir: RunDir, recipe: Recipe) -> Path | None:
         problem = "node-local checkpoints are spread over every node's disk, and conversion needs them in one place"
     if problem:
         raise UserError(f"output_dir {run_dir.root} holds checkpoints sharded for another layout "
-                        f"({', '.join(changed)}): {problem}", f"resume with the layout that wrote them, or start a new run from its model "
+                        f"({', '.join(changed)}): {problem}",
+                        f"resume with the layout that wrote them, or start a new run from its model "
                         f"(model={run_dir.final}, or `dstk checkpoints convert {run_dir.root}`)")
-    return chosen
+    return chosen, was
 
 
-def _keep_global_batch(recipe: Recipe, was: dict, resumed: Path) -> Recipe:
+def _keep_global_batch(recipe: Recipe, resumed: Path, was: dict) -> Recipe:
     """The recipe at the global batch ``resumed`` was trained with, whose step counts the data
     position in those batches: as it is, or with ``train.grad_accum`` changed for an elastic run.
 
@@ -205,27 +207,28 @@ def _keep_global_batch(recipe: Recipe, was: dict, resumed: Path) -> Recipe:
                     "or set parallel.elastic=true")
 
 
-def _layouts(run_dir: RunDir, recipe: Recipe, resumed: Path | None) -> list[dict]:
+def _layouts(run_dir: RunDir, recipe: Recipe, resumed: tuple[Path, dict] | None) -> list[dict]:
     """Every layout the run has had, each from the step it started at (the resume checkpoint is
     converted for the recipe's layout here, after the audit passed and before any worker starts)."""
     now = checkpoint.layout_of(recipe)
     if resumed is None:
         return [{"from_step": 0, **now}]
     _convert_for(recipe, resumed, run_dir)
-    run = run_dir.read_run()
-    history = run.get("layouts") or [{"from_step": 0, **checkpoint.written_layout(resumed, run)}]
+    saved, was = resumed
+    history = run_dir.read_run().get("layouts") or [{"from_step": 0, **was}]
     latest = {key: value for key, value in history[-1].items() if key != "from_step"}
-    return history if latest == now else [*history, {"from_step": checkpoint.step_of(resumed), **now}]
+    return history if latest == now else [*history, {"from_step": checkpoint.step_of(saved), **now}]
 
 
-def _convert_for(recipe: Recipe, resumed: Path | None, run_dir: RunDir) -> None:
-    """Write the universal copy of ``resumed`` where the recipe shards it otherwise."""
+def _convert_for(recipe: Recipe, resumed: tuple[Path, dict] | None, run_dir: RunDir) -> None:
+    """Write the universal copy of the resume checkpoint where the recipe shards it otherwise."""
     if resumed is None:
         return
-    changed = checkpoint.resharded(checkpoint.written_layout(resumed, run_dir.read_run()), checkpoint.layout_of(recipe))
+    saved, was = resumed
+    changed = checkpoint.resharded(was, checkpoint.layout_of(recipe))
     if changed:
-        print(f"dstk: converting checkpoint {resumed.name} for the new layout ({', '.join(changed)})", flush=True)
-        universal.convert(resumed, run_dir.read_run()["model"]["path"], pipeline=recipe.parallel.pipeline_stages > 1)
+        print(f"dstk: converting checkpoint {saved.name} for the new layout ({', '.join(changed)})", flush=True)
+        universal.convert(saved, run_dir.read_run()["model"]["path"], pipeline=recipe.parallel.pipeline_stages > 1)
 
 
 def resolve_all_data(recipe: Recipe) -> dict:
